@@ -1,0 +1,33 @@
+"""hf_layercollapse: LayerCollapse (arXiv 2311.17943) for Hugging Face Transformers.
+
+Make the MLP blocks of any Transformers model collapsible, fine-tune them towards linear, and merge them into
+single projections: fewer parameters, fewer FLOPs, checkpoints that load with ``from_pretrained``.
+"""
+
+__version__ = "0.1.0"
+
+from .activation import CollapsibleActivation
+from .architectures import BlockKind, MLPBlock, find_mlp_blocks
+from .collapse import collapse_model, merge_projections
+from .config import LayerCollapseConfig
+from .injection import get_collapse_model, injected_activations, regularization_loss
+from .modeling import MODEL_TYPE, LayerCollapseConfigError
+from .report import BlockReport, CollapseReport
+
+__all__ = [
+    "MODEL_TYPE",
+    "BlockKind",
+    "BlockReport",
+    "CollapseReport",
+    "CollapsibleActivation",
+    "LayerCollapseConfig",
+    "LayerCollapseConfigError",
+    "MLPBlock",
+    "__version__",
+    "collapse_model",
+    "find_mlp_blocks",
+    "get_collapse_model",
+    "injected_activations",
+    "merge_projections",
+    "regularization_loss",
+]

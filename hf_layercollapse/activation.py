@@ -1,0 +1,70 @@
+"""`CollapsibleActivation`: an MLP activation with a learnable pull towards the identity."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ACTIVATIONS
+
+
+class CollapsibleActivation(nn.Module):
+    """Wraps an MLP block's activation and adds one learnable scalar α (shape ``(1,)``).
+
+    * ``mode="blend"``: ``α·x + (1−α)·act(x)``; α = 0 is exactly the wrapped activation.
+    * ``mode="prelu"``: PReLU with slope α on the negative side (the paper's choice; replaces ``act``).
+
+    In both modes α = 1 is the identity, so the block around it becomes one affine map that
+    :func:`hf_layercollapse.collapse_model` merges. ``alpha`` has shape ``(1,)`` because FSDP rejects 0-dim
+    parameters. The regulariser term ``(1−α)²`` is computed inside ``forward`` (see
+    :func:`hf_layercollapse.regularization_loss`), which keeps it correct under DDP, FSDP and ZeRO-3, where
+    parameters must not be read outside the forward pass.
+
+    Args:
+        activation: The original activation module (kept, so ``mode="blend"`` and un-injecting are exact).
+        mode: ``"blend"`` or ``"prelu"``.
+        init_alpha: Initial value of α.
+
+    Example:
+        >>> import torch
+        >>> from hf_layercollapse import CollapsibleActivation
+        >>> act = CollapsibleActivation(torch.nn.GELU(), mode="blend", init_alpha=0.0)
+        >>> x = torch.randn(4)
+        >>> torch.equal(act(x), torch.nn.functional.gelu(x))
+        True
+        >>> _ = act.alpha.data.fill_(1.0)
+        >>> torch.equal(act(x), x)
+        True
+    """
+
+    def __init__(self, activation: nn.Module, mode: str = "blend", init_alpha: float = 0.0) -> None:
+        super().__init__()
+        if mode not in ACTIVATIONS:
+            raise ValueError(f"mode={mode!r} is not supported: use one of {ACTIVATIONS}.")
+        self.activation = activation
+        self.mode = mode
+        self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
+        self._regularization_term: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha
+        self._regularization_term = (1.0 - alpha).square().sum()
+        alpha = alpha.to(hidden_states.dtype)
+        if self.mode == "prelu":
+            return torch.where(hidden_states >= 0, hidden_states, alpha * hidden_states)
+        return alpha * hidden_states + (1.0 - alpha) * self.activation(hidden_states)
+
+    def regularization_term(self) -> torch.Tensor:
+        """``(1−α)²``: the term recorded by the latest forward pass (consumed), else computed from α now."""
+        term, self._regularization_term = self._regularization_term, None
+        if term is None:
+            term = (1.0 - self.alpha).square().sum()
+        return term
+
+    @property
+    def alpha_value(self) -> float:
+        """α as a Python float."""
+        return float(self.alpha.detach().float().reshape(-1)[0])
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, alpha={self.alpha_value:.4f}"

@@ -1,0 +1,184 @@
+"""Exact merging of MLP blocks whose activation has become linear, and `collapse_model`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .activation import CollapsibleActivation
+from .architectures import Layout, projection_shape
+from .injection import injected_activations
+from .plan import get_plan, record_block, set_module
+from .report import BlockReport, CollapseReport
+
+
+def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight as ``[out, in]`` and bias, in at least fp32, of an ``nn.Linear`` or ``Conv1D``."""
+    dtype = torch.promote_types(module.weight.dtype, torch.float32)
+    weight = module.weight.detach().to(dtype)
+    weight = weight.t() if isinstance(module, Conv1D) else weight
+    bias = None if module.bias is None else module.bias.detach().to(dtype)
+    return weight, bias
+
+
+def merge_projections(fc1: nn.Module, fc2: nn.Module) -> nn.Module:
+    """The single projection equal to ``fc2(fc1(x))``: ``W = W2·W1``, ``b = W2·b1 + b2``.
+
+    Computed in fp32 (or wider) and cast back to ``fc2``'s dtype; returns a ``Conv1D`` when ``fc2`` is one
+    (GPT-2 family), else an ``nn.Linear``, with a bias when either projection has one.
+
+    Example:
+        >>> import torch
+        >>> fc1, fc2 = torch.nn.Linear(4, 16), torch.nn.Linear(16, 3)
+        >>> merged = merge_projections(fc1, fc2)
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(merged(x), fc2(fc1(x)), atol=1e-6)
+        True
+    """
+    w1, b1 = _as_linear(fc1)
+    w2, b2 = _as_linear(fc2)
+    weight = w2 @ w1
+    bias = None
+    if b1 is not None or b2 is not None:
+        bias = (w2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
+    merged = empty_projection(fc2, w1.shape[1], w2.shape[0], bias is not None)
+    with torch.no_grad():
+        merged.weight.copy_(weight.t() if isinstance(merged, Conv1D) else weight)
+        if bias is not None:
+            merged.bias.copy_(bias)
+    return merged
+
+
+def empty_projection(like: nn.Module, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """An uninitialised projection of the same family, dtype and device as ``like``."""
+    factory = {"dtype": like.weight.dtype, "device": like.weight.device}
+    if isinstance(like, Conv1D):
+        module = Conv1D(out_features, in_features)
+        return module.to(**factory)
+    return nn.Linear(in_features, out_features, bias=bias, **factory)
+
+
+def install_merged(owner: nn.Module, layout: Layout, merged: nn.Module) -> None:
+    """Put ``merged`` in the output projection's place and make the input projection, the activation and the
+    dropouts between them identities (the call sites stay as they are, so any architecture keeps working)."""
+    set_module(owner, layout.fc2, merged)
+    for name in (layout.fc1, layout.act, *layout.dropouts):
+        set_module(owner, name, nn.Identity())
+        parent = name.rpartition(".")[0]
+        # transformers re-initialises modules on loading; a parent whose own _init_weights reads the removed
+        # projections (T5's wi/wo) must be skipped: the merged weights come from the checkpoint.
+        (owner.get_submodule(parent) if parent else owner)._is_hf_initialized = True
+
+
+def block_costs(fc1: nn.Module, fc2: nn.Module, merged_bias: bool) -> tuple[int, int, int, int]:
+    """``(params_before, params_after, flops_before, flops_after)`` of a plain block (FLOPs per token)."""
+    d_in, hidden = projection_shape(fc1)
+    _, d_out = projection_shape(fc2)
+    params_before = sum(p.numel() for m in (fc1, fc2) for p in m.parameters(recurse=False))
+    params_after = d_in * d_out + (d_out if merged_bias else 0)
+    return params_before, params_after, 2 * (d_in * hidden + hidden * d_out), 2 * d_in * d_out
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def collapse_model(
+    model: nn.Module,
+    blocks: list[str] | None = None,
+    threshold: float | None = None,
+    force: bool = False,
+) -> CollapseReport:
+    """Merge, in place, every injected MLP block whose α is within ``threshold`` of 1 into one projection.
+
+    Args:
+        model: A model prepared with :func:`~hf_layercollapse.get_collapse_model` (and usually fine-tuned).
+        blocks: Names of blocks to collapse (full names, or suffixes such as ``"layer.11"``). ``None``: every
+            injected block within the threshold; the others are kept and reported. Naming a block whose α is
+            farther than ``threshold`` from 1 is an error unless ``force=True``.
+        threshold: τ; default: the ``threshold`` of the config used at injection (0.05).
+        force: Merge the named blocks even when α is far from 1 (the merged block then computes
+            ``W2·W1·x + b``, dropping the activation's non-linear part).
+
+    Returns:
+        A :class:`~hf_layercollapse.CollapseReport` with α, parameters and FLOPs per block.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> import hf_layercollapse as hlc
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                              intermediate_size=64)).eval()
+        >>> model = hlc.get_collapse_model(model)
+        >>> for act in hlc.injected_activations(model).values():
+        ...     _ = act.alpha.data.fill_(1.0)
+        >>> report = hlc.collapse_model(model)
+        >>> len(report.collapsed), report.params_saved
+        (2, 6208)
+    """
+    injected = injected_activations(model)
+    if not injected:
+        raise ValueError(
+            f"{type(model).__name__} has no collapsible activations: call get_collapse_model(model, config) "
+            "and fine-tune it first (or use plan_collapse for collapsing without training)."
+        )
+    if threshold is None:
+        threshold = float((get_plan(model) or {}).get("config", {}).get("threshold", 0.05))
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold!r} must lie in [0, 1].")
+    names = list(injected)
+    if blocks is not None:
+        names = _resolve(blocks, names)
+        far = {n: injected[n].alpha_value for n in names if abs(1 - injected[n].alpha_value) > threshold}
+        if far and not force:
+            details = ", ".join(f"{n} (α={a:.4f})" for n, a in far.items())
+            raise ValueError(
+                f"Blocks {details} have α farther than threshold={threshold} from 1: merging them would drop "
+                "their non-linear part. Train longer (or raise reg_weight), or pass force=True."
+            )
+    report = CollapseReport(model_params_before=_num_params(model), threshold=threshold)
+    for name in injected:
+        report.blocks.append(_collapse_block(model, name, injected[name], name in names, threshold, force))
+    report.model_params_after = _num_params(model)
+    return report
+
+
+def _resolve(blocks: list[str], names: list[str]) -> list[str]:
+    resolved = []
+    for wanted in blocks:
+        matches = [n for n in names if n == wanted or n.endswith("." + wanted)]
+        if len(matches) != 1:
+            problem = "matches no injected block" if not matches else f"is ambiguous ({matches})"
+            raise ValueError(f"Block {wanted!r} {problem}; injected blocks are {names}.")
+        resolved.append(matches[0])
+    return resolved
+
+
+def _collapse_block(
+    model: nn.Module, name: str, act: CollapsibleActivation, selected: bool, threshold: float, force: bool
+) -> BlockReport:
+    layout = act.layout
+    owner = model.get_submodule(name) if name else model
+    fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
+    has_bias = fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D)
+    params_before, params_after, flops_before, flops_after = block_costs(fc1, fc2, has_bias)
+    alpha = act.alpha_value
+    row = BlockReport(name, layout.kind.value, alpha, "kept", "", params_before, params_before, flops_before,
+                      flops_before)
+    if not selected:
+        row.reason = "not selected"
+    elif abs(1.0 - alpha) > threshold and not force:
+        row.reason = f"|1-α| = {abs(1 - alpha):.4f} > {threshold}"
+    elif params_after >= params_before:
+        row.status, row.reason = "skipped", "merging would not save parameters"
+    else:
+        merged = merge_projections(fc1, fc2)
+        install_merged(owner, layout, merged)
+        d_in, d_out = projection_shape(merged)
+        record_block(model, name, layout, "collapsed", alpha=alpha, in_features=d_in, out_features=d_out,
+                     bias=merged.bias is not None, projection=type(merged).__name__)
+        row.status, row.params_after, row.flops_after = "collapsed", params_after, flops_after
+    return row
+
+

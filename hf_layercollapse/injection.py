@@ -1,0 +1,130 @@
+"""Injecting collapsible activations into a model, and the regulariser that pulls them to linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activation import CollapsibleActivation
+from .architectures import BlockKind, MLPBlock, find_mlp_blocks, select_blocks
+from .config import LayerCollapseConfig
+from .plan import record_block, set_module
+
+
+def injected_activations(model: nn.Module) -> dict[str, CollapsibleActivation]:
+    """Every :class:`CollapsibleActivation` in ``model``, keyed by the name of its MLP block."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CollapsibleActivation):
+            suffix = "." + module.layout.act
+            owner = name[: -len(suffix)] if name.endswith(suffix) else ("" if name == module.layout.act else name)
+            found[owner] = module
+    return found
+
+
+def _check_supported(blocks: list[MLPBlock], model: nn.Module) -> None:
+    gated = [b.name for b in blocks if b.kind is BlockKind.GATED]
+    if gated:
+        raise ValueError(
+            f"{type(model).__name__} has gated MLP blocks ({gated[0]}{', ...' if len(gated) > 1 else ''}): "
+            "down(act(gate(x)) * up(x)) stays bilinear when act is linear, so it cannot be merged into one "
+            "matrix by making the activation linear. Gated blocks need the constant-gate method, which is not "
+            "supported yet; pass target_modules/layers_to_transform that select plain MLP blocks only."
+        )
+    injected = [b.name for b in blocks if isinstance(model.get_submodule(b.path("act")), CollapsibleActivation)]
+    if injected:
+        raise ValueError(
+            f"Blocks {injected} already have collapsible activations: get_collapse_model was applied twice. "
+            "Use the model as it is, or select other blocks with target_modules/layers_to_transform."
+        )
+
+
+def _check_not_shared(model: nn.Module, blocks: list[MLPBlock]) -> None:
+    """Refuse blocks whose projection weights are tied to modules outside the block (merging would untie them)."""
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), set()).add(name)
+    for block in blocks:
+        inside = {block.path(p) for p in ("fc1", "fc2", "gate") if getattr(block.layout, p) is not None}
+        for part in inside:
+            for param in model.get_submodule(part).parameters(recurse=False):
+                foreign = {o for o in owners[id(param)] if not any(o == p for p in inside)}
+                if foreign:
+                    raise ValueError(
+                        f"The weights of {part!r} are shared with {sorted(foreign)}: collapsing block "
+                        f"{block.name!r} would untie them. Exclude it with exclude_modules=[{block.name!r}]."
+                    )
+
+
+def get_collapse_model(
+    model: nn.Module,
+    config: LayerCollapseConfig | None = None,
+    example_inputs: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Make the selected MLP blocks of ``model`` collapsible, in place, and return the same model.
+
+    Each selected block's activation is wrapped in a :class:`CollapsibleActivation` with one learnable α.
+    With ``activation="blend"`` (the default) the model's outputs do not change until α moves.
+
+    Args:
+        model: A ``transformers`` model (any ``AutoModel``) or any module with fc → act → fc MLPs.
+        config: Which blocks and how; default ``LayerCollapseConfig()`` (every plain MLP block, blend).
+        example_inputs: One batch for the data-flow tracer, needed only for architectures that are not in
+            :data:`~hf_layercollapse.architectures.MLP_LAYOUTS` and whose inputs cannot be guessed.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> import hf_layercollapse as hlc
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                              intermediate_size=64)).eval()
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> before = model(ids).last_hidden_state
+        >>> model = hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=-1))
+        >>> torch.allclose(model(ids).last_hidden_state, before, atol=1e-6)
+        True
+        >>> float(hlc.regularization_loss(model))
+        1.0
+    """
+    config = config or LayerCollapseConfig()
+    blocks = find_mlp_blocks(model, example_inputs)
+    if not blocks:
+        raise ValueError(
+            f"No MLP block (projection -> activation -> projection) was found in {type(model).__name__}; "
+            "LayerCollapse needs at least one. If the model has MLPs with a functional activation "
+            "(e.g. F.gelu called inline), they cannot be detected or wrapped."
+        )
+    selected = select_blocks(blocks, config.target_modules, config.exclude_modules, config.layers_to_transform)
+    if not selected:
+        raise ValueError(
+            "The config selects no MLP block (exclude_modules removed every block that the other selectors "
+            f"kept); the model has {len(blocks)} blocks: {[b.name for b in blocks]}."
+        )
+    _check_supported(selected, model)
+    _check_not_shared(model, selected)
+    for block in selected:
+        act_name = block.path("act")
+        weight = model.get_submodule(block.path("fc1")).weight
+        wrapped = CollapsibleActivation(model.get_submodule(act_name), config.activation, config.init_alpha)
+        wrapped.layout = block.layout
+        wrapped.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+        set_module(model, act_name, wrapped)
+        record_block(model, block.name, block.layout, "injected", mode=config.activation, config=config)
+    return model
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor:
+    """``Σ (1−α)²`` over the model's collapsible activations (multiply by λ = ``reg_weight`` yourself, or let
+    :class:`~hf_layercollapse.LayerCollapseTrainer` do it).
+
+    The terms are the ones recorded by the latest forward pass, so the sum stays correct under DDP, FSDP and
+    ZeRO-3; an activation that did not run since the last call contributes its term computed from α.
+    """
+    terms = [act.regularization_term() for act in injected_activations(model).values()]
+    if not terms:
+        raise ValueError(
+            f"{type(model).__name__} has no collapsible activations: call get_collapse_model(model, config) first."
+        )
+    return torch.stack([t.float() for t in terms]).sum()
+

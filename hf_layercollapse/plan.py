@@ -1,0 +1,78 @@
+"""The collapse plan: what a model's ``config.layercollapse`` records about its injected and collapsed blocks.
+
+The plan is what makes a checkpoint self-describing: ``from_pretrained`` rebuilds the collapsed structure and
+re-injects collapsible activations from it (see :mod:`hf_layercollapse.modeling`). Block names in the plan are
+relative to the model's base model (``model.base_model``), so a checkpoint saved from
+``BertForSequenceClassification`` also loads into ``AutoModel``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .architectures import Layout
+
+PLAN_KEY = "layercollapse"
+PLAN_FORMAT = 1
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` of ``root`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def base_prefix(model: nn.Module) -> str:
+    """Name of the base model inside ``model`` (``"bert"`` for ``BertForSequenceClassification``), or ``""``."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return ""
+    for name, module in model.named_modules():
+        if module is base:
+            return name
+    return ""
+
+
+def to_base_name(model: nn.Module, name: str) -> str:
+    prefix = base_prefix(model)
+    if not prefix:
+        return name
+    if not name.startswith(prefix + "."):
+        raise ValueError(
+            f"MLP block {name!r} lies outside the base model {prefix!r}: it cannot be recorded in the checkpoint. "
+            f"Exclude it with exclude_modules=[{name!r}]."
+        )
+    return name[len(prefix) + 1:]
+
+
+def get_plan(model: nn.Module) -> dict[str, Any] | None:
+    """The plan recorded in ``model.config``, or ``None`` when nothing was injected or collapsed."""
+    return getattr(getattr(model, "config", None), PLAN_KEY, None)
+
+
+def record_block(model: nn.Module, name: str, layout: Layout, state: str, config=None, **info: Any) -> None:
+    """Record block ``name`` (relative to ``model``) as ``state`` ("injected" or "collapsed") in the plan.
+
+    Models without a ``transformers`` config (plain ``nn.Module``) keep no plan.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return
+    from . import __version__
+    from .modeling import mark_model
+
+    plan = get_plan(model)
+    if plan is None:
+        plan = {"format": PLAN_FORMAT, "blocks": {}}
+    plan["library_version"] = __version__
+    plan["base_model_type"] = model.config.model_type
+    plan.setdefault("base_architecture", type(model).__name__)
+    if config is not None:
+        plan["config"] = config.to_dict()
+    plan["blocks"][to_base_name(model, name)] = {"state": state, "layout": layout.to_dict(), **info}
+    setattr(model.config, PLAN_KEY, plan)
+    mark_model(model)

@@ -1,0 +1,279 @@
+"""A data-flow tracer that finds MLP blocks in models whose layout is not in the table.
+
+One forward pass on example inputs records every leaf-module call and every tensor operation between them
+(through a ``TorchFunctionMode``). An MLP block is then a projection whose output reaches a parameter-free
+activation module whose output reaches another projection, allowing pass-through steps (dropout, dtype
+casts, reshapes) in between. A gated block is the same with the activation's output multiplied by the
+output of a second projection (or the other half of a fused ``gate_up_proj``) before the last projection.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .activation import CollapsibleActivation
+from .architectures import PROJECTIONS, BlockKind, Layout, MLPBlock
+
+_PASS_THROUGH_OPS = {"dropout", "to", "contiguous", "view", "reshape", "clone", "float", "half", "bfloat16",
+                     "type", "type_as", "detach"}
+_PASS_THROUGH_MODULES = (nn.Dropout, nn.Identity)
+_SPLIT_OPS = {"chunk", "split", "tensor_split", "unbind", "__getitem__"}
+_MUL_OPS = {"mul", "__mul__", "__rmul__", "mul_"}
+
+
+@dataclass
+class _Node:
+    name: str  # module name, or the op's function name
+    module: nn.Module | None
+    inputs: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", str(func))
+    return name.rstrip("_") if name.endswith("_") and not name.startswith("__") else name
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.nodes: list[_Node] = []
+        self.keep: list[torch.Tensor] = []  # keeps tensors alive so that id() stays unique
+        self.depth = 0
+        self.handles = []
+        for name, module in model.named_modules():
+            if next(module.children(), None) is None or isinstance(module, CollapsibleActivation):
+                self.handles.append(module.register_forward_pre_hook(self._enter))
+                self.handles.append(module.register_forward_hook(self._make_exit(name)))
+
+    def _ids(self, obj) -> list[int]:
+        tensors = _tensors(obj)
+        self.keep.extend(tensors)
+        return [id(t) for t in tensors]
+
+    def _enter(self, module, args):
+        self.depth += 1
+
+    def _make_exit(self, name: str):
+        def exit_hook(module, args, output):
+            self.depth -= 1
+            self.nodes.append(_Node(name, module, self._ids(args), self._ids(output)))
+
+        return exit_hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0:
+            outputs = self._ids(out)
+            if outputs:  # attribute reads such as `x.dtype` produce no tensor and are not data flow
+                self.nodes.append(_Node(_op_name(func), None, self._ids((args, kwargs)), outputs))
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _first_value(config, names: tuple[str, ...], default=None):
+    """An attribute of the config or of one of its sub-configs (CLIP's ``text_config``, ``vision_config``)."""
+    configs = [config] + [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
+    for cfg in configs:
+        for name in names:
+            value = getattr(cfg, name, None)
+            if value is not None:
+                return value
+    return default
+
+
+def dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Small inputs for one forward pass of a ``transformers`` model, built from its config and signature."""
+    params = inspect.signature(model.forward).parameters
+    config = model.config
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype if weight.is_floating_point() else torch.float32
+    inputs: dict[str, torch.Tensor] = {}
+    if "input_ids" in params:
+        vocab = int(_first_value(config, ("vocab_size",), 100))
+        inputs["input_ids"] = (torch.arange(8, device=device) % max(vocab - 1, 1) + 1).unsqueeze(0)
+        if "attention_mask" in params:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "pixel_values" in params:
+        channels = int(_first_value(config, ("num_channels",), 3))
+        size = _first_value(config, ("image_size",), 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        inputs["pixel_values"] = torch.randn(1, channels, height, width, device=device, dtype=dtype)
+    if "input_features" in params:
+        mels = int(_first_value(config, ("num_mel_bins",), 80))
+        frames = 2 * int(_first_value(config, ("max_source_positions",), 1500))
+        inputs["input_features"] = torch.randn(1, mels, frames, device=device, dtype=dtype)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        start = getattr(config, "decoder_start_token_id", None) or 0
+        inputs["decoder_input_ids"] = torch.full((1, 4), int(start), device=device, dtype=torch.long)
+    if not inputs:
+        raise ValueError(
+            f"Cannot build example inputs for {type(model).__name__}: pass example_inputs= with one batch."
+        )
+    return inputs
+
+
+def _is_activation(node: _Node) -> bool:
+    module = node.module
+    if isinstance(module, CollapsibleActivation):
+        return True
+    return (
+        module is not None
+        and not isinstance(module, PROJECTIONS + _PASS_THROUGH_MODULES)
+        and next(module.parameters(recurse=False), None) is None
+        and len(node.inputs) == 1
+        and len(node.outputs) == 1
+    )
+
+
+class _Graph:
+    def __init__(self, nodes: list[_Node], sizes: dict[int, int]) -> None:
+        self.nodes = nodes
+        self.sizes = sizes
+        self.producer: dict[int, _Node] = {}
+        self.consumers: dict[int, list[_Node]] = {}
+        for node in nodes:
+            for t in node.outputs:
+                if t not in node.inputs:  # an eval-mode dropout returns its input: not a producer
+                    self.producer[t] = node
+            for t in dict.fromkeys(node.inputs):
+                self.consumers.setdefault(t, []).append(node)
+
+    def _pass_through(self, node: _Node) -> bool:
+        if node.module is not None:
+            return isinstance(node.module, _PASS_THROUGH_MODULES)
+        return (node.name in _PASS_THROUGH_OPS and len(node.outputs) == 1
+                and self.sizes.get(node.inputs[0]) == self.sizes.get(node.outputs[0]))
+
+    def source(self, tensor: int) -> tuple[_Node | None, int | None]:
+        """The projection that produced ``tensor`` (through pass-through steps), and which split part it is."""
+        node = self.producer.get(tensor)
+        part = None
+        while node is not None and node.module is None:
+            if node.name in _SPLIT_OPS and part is None:
+                part = node.outputs.index(tensor)
+            elif not self._pass_through(node):
+                return None, None
+            tensor = node.inputs[0]
+            node = self.producer.get(tensor)
+        if node is not None and isinstance(node.module, _PASS_THROUGH_MODULES):
+            return self.source(node.inputs[0])
+        return (node, part) if node is not None and isinstance(node.module, PROJECTIONS) else (None, None)
+
+    def sink(self, tensor: int) -> tuple[_Node | None, list[str], int]:
+        """Where ``tensor`` goes: the consuming node after pass-through steps, the dropout modules passed, and
+        the tensor that reaches it."""
+        dropouts: list[str] = []
+        while True:
+            consumers = self.consumers.get(tensor, [])
+            aliases = [n for n in consumers if tensor in n.outputs]  # steps that return their input
+            dropouts += [n.name for n in aliases if isinstance(n.module, nn.Dropout)]
+            consumers = [n for n in consumers if tensor not in n.outputs]
+            if len(consumers) != 1:
+                return None, dropouts, tensor
+            node = consumers[0]
+            if not self._pass_through(node):
+                return node, dropouts, tensor
+            if node.module is not None and isinstance(node.module, nn.Dropout):
+                dropouts.append(node.name)
+            tensor = node.outputs[0]
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        prefix.append(items[0])
+    return ".".join(prefix)
+
+
+def _relative(prefix: str, name: str) -> str:
+    return name[len(prefix) + 1:] if prefix else name
+
+
+def _block_from(act: _Node, graph: _Graph) -> tuple[str, Layout] | None:
+    fc1, fc1_part = graph.source(act.inputs[0])
+    if fc1 is None:
+        return None
+    consumer, dropouts, reaching = graph.sink(act.outputs[0])
+    if consumer is None:
+        return None
+    gate = None
+    if consumer.module is None and consumer.name in _MUL_OPS and len(consumer.inputs) == 2:
+        other = consumer.inputs[1] if consumer.inputs[0] == reaching else consumer.inputs[0]
+        up, _ = graph.source(other)
+        if up is None:
+            return None
+        gate, fc1 = fc1, up
+        consumer, more, _ = graph.sink(consumer.outputs[0])
+        dropouts += more
+        if consumer is None:
+            return None
+    elif fc1_part is not None:
+        return None
+    if consumer.module is None or not isinstance(consumer.module, PROJECTIONS) or consumer is fc1:
+        return None
+    names = [fc1.name, act.name, consumer.name] + ([gate.name] if gate else [])
+    prefix = _common_prefix(names)
+    rel = [_relative(prefix, n) for n in names]
+    kind = BlockKind.GATED if gate else BlockKind.PLAIN
+    layout = Layout(kind, rel[0], rel[1], rel[2], tuple(_relative(prefix, d) for d in dropouts),
+                    rel[3] if gate else None)
+    return prefix, layout
+
+
+def trace_mlp_blocks(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = None) -> list[MLPBlock]:
+    """Find MLP blocks by tracing one forward pass (see the module docstring).
+
+    Raises ValueError when one activation module serves several different blocks (they could not each get
+    their own α).
+    """
+    inputs = dummy_inputs(model) if example_inputs is None else example_inputs
+    was_training = model.training
+    recorder = _Recorder(model)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        model.eval()
+        with torch.no_grad(), recorder:
+            model(**inputs)
+    finally:
+        recorder.remove()
+        model.train(was_training)
+    sizes = {id(t): t.numel() for t in recorder.keep}
+    graph = _Graph(recorder.nodes, sizes)
+    found: dict[str, Layout] = {}
+    act_owner: dict[str, str] = {}
+    for node in recorder.nodes:
+        if not _is_activation(node):
+            continue
+        block = _block_from(node, graph)
+        if block is None:
+            continue
+        prefix, layout = block
+        if node.name in act_owner and act_owner[node.name] != prefix:
+            raise ValueError(
+                f"Activation module {node.name!r} is shared by MLP blocks {act_owner[node.name]!r} and {prefix!r}: "
+                "they cannot each get their own α. Give each block its own activation module."
+            )
+        act_owner[node.name] = prefix
+        found.setdefault(prefix, layout)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    names = sorted(found, key=lambda n: order.get(n, len(order)))
+    return [MLPBlock(name, i, found[name]) for i, name in enumerate(names)]
