@@ -13,15 +13,19 @@ from .config import LayerCollapseConfig
 from .injection import get_collapse_model, injected_activations, regularization_loss
 from .modeling import MODEL_TYPE, LayerCollapseConfigError
 from .report import BlockReport, CollapseReport
+from .trainer import CollapseArguments, LayerCollapseTrainer, LayerCollapseTrainerMixin
 
 __all__ = [
     "MODEL_TYPE",
     "BlockKind",
     "BlockReport",
+    "CollapseArguments",
     "CollapseReport",
     "CollapsibleActivation",
     "LayerCollapseConfig",
     "LayerCollapseConfigError",
+    "LayerCollapseTrainer",
+    "LayerCollapseTrainerMixin",
     "MLPBlock",
     "__version__",
     "collapse_model",

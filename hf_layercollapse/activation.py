@@ -45,10 +45,12 @@ class CollapsibleActivation(nn.Module):
         self.mode = mode
         self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
         self._regularization_term: torch.Tensor | None = None
+        self.last_alpha: torch.Tensor | None = None  # α seen by the latest forward (readable under FSDP)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha
         self._regularization_term = (1.0 - alpha).square().sum()
+        self.last_alpha = alpha.detach().clone()
         alpha = alpha.to(hidden_states.dtype)
         if self.mode == "prelu":
             return torch.where(hidden_states >= 0, hidden_states, alpha * hidden_states)

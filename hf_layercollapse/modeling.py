@@ -172,8 +172,11 @@ def collapsed_model_class(base_cls: type[PreTrainedModel]) -> type[PreTrainedMod
     """The model class, derived from ``base_cls``, that rebuilds a collapse plan when it is constructed."""
     if issubclass(base_cls, _CollapsedModelMixin):
         return base_cls
-    return type(f"LayerCollapse{base_cls.__name__}", (_CollapsedModelMixin, base_cls), {
-        "__module__": __name__, "config_class": collapsed_config_class(base_cls.config_class),
+    # Same name as the base class: transformers matches class names (causal-LM label shifting in Trainer,
+    # pipelines' supported-model checks, config.architectures).
+    return type(base_cls.__name__, (_CollapsedModelMixin, base_cls), {
+        "__module__": __name__, "__qualname__": base_cls.__qualname__,
+        "config_class": collapsed_config_class(base_cls.config_class),
         "__doc__": f"{base_cls.__name__} with LayerCollapse blocks, rebuilt from the config's collapse plan.",
     })
 

@@ -1,0 +1,273 @@
+"""`LayerCollapseTrainer`: regularised fine-tuning that pulls each injected block's α to 1.
+
+Works on one process or many (``accelerate launch`` / ``torchrun``: DDP; FSDP), with gradient accumulation,
+mixed precision and ``resume_from_checkpoint``. The mixin composes with other ``Trainer`` subclasses::
+
+    class LayerCollapseSeq2SeqTrainer(LayerCollapseTrainerMixin, Seq2SeqTrainer):
+        pass
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .collapse import collapse_model
+from .injection import injected_activations, regularization_loss
+from .plan import get_plan
+from .report import CollapseReport
+
+logger = logging.getLogger(__name__)
+
+REG_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class CollapseArguments:
+    """Training settings of LayerCollapse; parse them next to ``TrainingArguments`` with ``HfArgumentParser``.
+
+    Example:
+        >>> from transformers import HfArgumentParser, TrainingArguments
+        >>> parser = HfArgumentParser((TrainingArguments, CollapseArguments))
+        >>> _, args = parser.parse_args_into_dataclasses(["--output_dir", "out", "--reg_weight", "0.5"])
+        >>> args.reg_weight, args.reg_schedule
+        (0.5, 'constant')
+    """
+
+    reg_weight: float | None = field(
+        default=None, metadata={"help": "λ of λ·Σ(1−α)². Default: the reg_weight of the LayerCollapseConfig used."}
+    )
+    reg_schedule: str = field(
+        default="constant",
+        metadata={"help": "How λ grows: 'constant', 'linear' (warm-up from 0) or 'cosine' (half-cosine from 0)."},
+    )
+    reg_warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of training over which λ reaches its value (linear/cosine)."}
+    )
+    alpha_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the α parameters (default: the model's learning rate)."}
+    )
+    clamp_alpha: bool = field(default=True, metadata={"help": "Clamp α to [0, 1] after every optimizer step."})
+    collapse_at_end: bool = field(
+        default=False, metadata={"help": "After training, collapse the blocks within threshold and save the model."}
+    )
+    threshold: float | None = field(
+        default=None, metadata={"help": "τ for collapse_at_end and logging (default: the config's threshold)."}
+    )
+    log_block_alphas: bool = field(default=True, metadata={"help": "Log every block's α (alpha/<block>)."})
+
+    def __post_init__(self) -> None:
+        if self.reg_weight is not None and not self.reg_weight >= 0:
+            raise ValueError(f"reg_weight={self.reg_weight!r} must be >= 0.")
+        if self.reg_schedule not in REG_SCHEDULES:
+            raise ValueError(f"reg_schedule={self.reg_schedule!r}: use one of {REG_SCHEDULES}.")
+        if not 0.0 <= self.reg_warmup_ratio <= 1.0:
+            raise ValueError(f"reg_warmup_ratio={self.reg_warmup_ratio!r} must lie in [0, 1].")
+        if self.alpha_learning_rate is not None and not self.alpha_learning_rate > 0:
+            raise ValueError(f"alpha_learning_rate={self.alpha_learning_rate!r} must be > 0.")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r} must lie in [0, 1].")
+
+
+class _ClampAlphaCallback(TrainerCallback):
+    """Clamps α to [0, 1] after every optimizer step."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for act in injected_activations(self.trainer.model).values():
+                act.alpha.clamp_(0.0, 1.0)
+
+
+class LayerCollapseTrainerMixin:
+    """Adds LayerCollapse to a ``transformers.Trainer`` subclass (see :class:`LayerCollapseTrainer`)."""
+
+    def __init__(self, *args, collapse_args: CollapseArguments | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.collapse_args = collapse_args or CollapseArguments()
+        if not injected_activations(self.model):
+            raise ValueError(
+                f"{type(self.model).__name__} has no collapsible activations: call "
+                "hf_layercollapse.get_collapse_model(model, LayerCollapseConfig(...)) before creating the trainer."
+            )
+        plan_config = (get_plan(self.model) or {}).get("config", {})
+        if self.collapse_args.reg_weight is None:
+            self.collapse_args.reg_weight = float(plan_config.get("reg_weight", 1.0))
+        if self.collapse_args.threshold is None:
+            self.collapse_args.threshold = float(plan_config.get("threshold", 0.05))
+        # Task-loss normalisation over the accumulated batch is done here, per head (see compute_loss): Trainer's
+        # own choice trusts `**kwargs` in forward, which many heads accept but ignore (transformers issue 47688).
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        unwrapped = getattr(self.model, "get_base_model", lambda: self.model)()
+        self._shift_labels = getattr(self, "_loss_shifts_labels", False) or (
+            unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            and not getattr(unwrapped.config, "is_encoder_decoder", False)
+        )
+        self._reg_sum = torch.zeros(())
+        self._reg_count = 0
+        self.collapse_report: CollapseReport | None = None
+        if self.collapse_args.clamp_alpha:
+            self.add_callback(_ClampAlphaCallback(self))
+
+    # ----------------------------------------------------------------------------------------------- schedule
+    def current_reg_weight(self) -> float:
+        """λ at the current step, following ``reg_schedule``."""
+        args = self.collapse_args
+        if args.reg_schedule == "constant" or args.reg_warmup_ratio == 0.0:
+            return args.reg_weight
+        max_steps = max(self.state.max_steps or 1, 1)
+        progress = min(1.0, self.state.global_step / max(args.reg_warmup_ratio * max_steps, 1e-12))
+        factor = progress if args.reg_schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * progress))
+        return args.reg_weight * factor
+
+    # ---------------------------------------------------------------------------------------------- optimizer
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        alphas = {id(act.alpha) for act in injected_activations(model).values()}
+        return [n for n in super().get_decay_parameter_names(model)
+                if id(model.get_parameter(n)) not in alphas]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        lr = self.collapse_args.alpha_learning_rate
+        if lr is not None:
+            alphas = [act.alpha for act in injected_activations(self.model).values() if act.alpha.requires_grad]
+            ids = {id(a) for a in alphas}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group({"params": alphas, "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
+    # ------------------------------------------------------------------------------------------------- loss
+    def _count_items(self, inputs: dict) -> torch.Tensor | None:
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs.get("labels")
+            if labels is not None and self._shift_labels:
+                labels = labels[..., 1:]
+        if not isinstance(labels, torch.Tensor):
+            return None
+        return labels.ne(-100).sum()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Items (labels that count) in the accumulated batch, counted by the same rule as each micro-batch."""
+        counts = [self._count_items(batch) for batch in batch_samples]
+        if not counts or any(c is None for c in counts):
+            return None
+        total = sum(counts).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Task loss + λ·Σ(1−α)², both counted exactly once per optimizer step.
+
+        The task loss is the head's mean over this micro-batch, re-weighted by its share of the items (labels
+        that are not -100) of the whole accumulated batch, so the gradient equals the one of a single large
+        batch whatever the accumulation and whether or not the head honours ``num_items_in_batch``. The
+        regulariser is divided by the number of accumulation steps.
+        """
+        items = self._count_items(inputs)
+        task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+        steps = self.current_gradient_accumulation_steps if model.training else 1
+        if model.training and items is not None and num_items_in_batch is not None:
+            total = torch.as_tensor(num_items_in_batch, device=task_loss.device, dtype=torch.float32)
+            task_loss = task_loss * items.to(task_loss.device) / total.clamp(min=1)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                task_loss = task_loss * self.args.world_size  # DDP averages gradients over ranks
+        else:
+            task_loss = task_loss / steps
+        reg = regularization_loss(model)
+        if model.training:
+            self._reg_sum = self._reg_sum.to(reg.device) + reg.detach()
+            self._reg_count += 1
+        loss = task_loss + self.current_reg_weight() * reg / steps
+        return (loss, outputs) if return_outputs else loss
+
+    # ---------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._collapse_metrics())
+        super().log(logs, start_time)
+
+    def _collapse_metrics(self) -> dict[str, float]:
+        acts = injected_activations(self.model)
+        alphas = torch.stack([
+            (a.last_alpha if a.last_alpha is not None else a.alpha.detach()).float().reshape(-1)[0]
+            for a in acts.values()
+        ])
+        reg = self._reg_sum / max(self._reg_count, 1)
+        reduced = self.accelerator.reduce(torch.cat([reg.reshape(1).to(alphas.device), alphas]), "mean")
+        self._reg_sum, self._reg_count = torch.zeros(()), 0
+        alphas = reduced[1:].tolist()
+        metrics = {
+            "reg_loss": float(reduced[0]),
+            "reg_weight": self.current_reg_weight(),
+            "alpha_mean": sum(alphas) / len(alphas),
+            "alpha_within_threshold": sum(abs(1 - a) <= self.collapse_args.threshold for a in alphas),
+        }
+        if self.collapse_args.log_block_alphas:
+            metrics.update({f"alpha/{name}": a for name, a in zip(acts, alphas)})
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.collapse_args.collapse_at_end:
+            self.collapse_and_save()
+        return output
+
+    def collapse_and_save(self, output_dir: str | None = None) -> CollapseReport | None:
+        """Collapse the blocks within threshold, log the report and ``save_model`` (collapsed or, when no block
+        is within threshold, as it is)."""
+        if self.is_fsdp_enabled:
+            logger.warning("collapse_at_end with FSDP: saving the injected model; collapse it after loading "
+                           "(hf-layercollapse collapse) on one process.")
+            self.save_model(output_dir)
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        report = collapse_model(model, threshold=self.collapse_args.threshold)
+        self.collapse_report = report
+        if not report.collapsed:
+            logger.warning("collapse_at_end: no block has |1-α| <= %s; saving the uncollapsed model.\n%s",
+                           self.collapse_args.threshold, report)
+        else:
+            logger.info("LayerCollapse report:\n%s", report)
+        summary = report.to_dict()
+        self.log({"collapsed_blocks": summary["num_collapsed"], "params_saved": summary["params_saved"],
+                  "params_after": summary["model_params_after"]})
+        self.save_model(output_dir)
+        return report
+
+
+class LayerCollapseTrainer(LayerCollapseTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that fine-tunes with the LayerCollapse regulariser.
+
+    Args:
+        collapse_args: :class:`CollapseArguments` (λ and its schedule, α learning rate and clamping,
+            ``collapse_at_end``, threshold). Every other argument is ``Trainer``'s.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+        >>> import hf_layercollapse as hlc
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=64, vocab_size=50))
+        >>> model = hlc.get_collapse_model(model, hlc.LayerCollapseConfig(reg_weight=10.0))
+        >>> data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(1)}] * 8
+        >>> args = TrainingArguments("/tmp/hlc-doctest", max_steps=2, per_device_train_batch_size=4,
+        ...                          report_to=[], learning_rate=0.1, save_strategy="no", disable_tqdm=True)
+        >>> trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=data)
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {'train_runtime': ...}
+        >>> all(act.alpha_value > 0 for act in hlc.injected_activations(model).values())
+        True
+    """
