@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -92,7 +92,7 @@ class LayerCollapseTrainerMixin:
 
     def __init__(self, *args, collapse_args: CollapseArguments | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.collapse_args = collapse_args or CollapseArguments()
+        self.collapse_args = replace(collapse_args) if collapse_args is not None else CollapseArguments()
         if not injected_activations(self.model):
             raise ValueError(
                 f"{type(self.model).__name__} has no collapsible activations: call "

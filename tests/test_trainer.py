@@ -1,0 +1,308 @@
+"""LayerCollapseTrainer: loss accounting, optimizer groups, schedules, logging, collapse_at_end, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import hf_layercollapse as hlc
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+
+
+def bert_classifier(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def classification_data(n: int = 16) -> list[dict]:
+    generator = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(1, 50, (6,), generator=generator), "labels": torch.tensor(i % 2)}
+            for i in range(n)]
+
+
+def gpt2_lm(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def lm_data(n: int = 16) -> list[dict]:
+    """Sequences with different numbers of masked labels, so per-micro-batch token counts differ."""
+    generator = torch.Generator().manual_seed(1)
+    data = []
+    for i in range(n):
+        ids = torch.randint(1, 50, (8,), generator=generator)
+        labels = ids.clone()
+        labels[: i % 5] = -100
+        data.append({"input_ids": ids, "labels": labels})
+    return data
+
+
+def training_args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(max_steps=1, per_device_train_batch_size=16, optim="sgd", learning_rate=0.5,
+                    lr_scheduler_type="constant", report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+                    data_seed=0, use_cpu=True, logging_steps=1)
+    defaults.update(kwargs)
+    return TrainingArguments(str(tmp_path), **defaults)
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_one_step_is_the_same_with_and_without_gradient_accumulation(tmp_path, arch):
+    """BERT's head accepts **kwargs but ignores num_items_in_batch (transformers issue 47688); GPT-2's honours it.
+    Either way one optimizer step of 1×16 and 2×8 must give the same α and weights."""
+    make, data = (bert_classifier, classification_data) if arch == "bert" else (gpt2_lm, lm_data)
+    results = []
+    for batch, accumulation in ((16, 1), (8, 2)):
+        model = hlc.get_collapse_model(make(), hlc.LayerCollapseConfig(reg_weight=0.7))
+        args = training_args(tmp_path / f"{batch}", per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation)
+        hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=data()).train()
+        results.append(state(model))
+    single, accumulated = results
+    alphas = [k for k in single if k.endswith(".alpha")]
+    assert alphas and all(single[k].item() > 0.1 for k in alphas)  # α really moved
+    for key in single:
+        torch.testing.assert_close(single[key], accumulated[key], atol=2e-6, rtol=1e-5, msg=key)
+
+
+def test_regulariser_gradient_is_lambda_times_two_one_minus_alpha(tmp_path):
+    """With a zero learning rate for everything but α and λ = 0.25, one SGD step moves α by lr·λ·2(1−α)."""
+    model = hlc.get_collapse_model(bert_classifier(), hlc.LayerCollapseConfig(reg_weight=0.25))
+    collapse_args = hlc.CollapseArguments(alpha_learning_rate=0.1)
+    trainer = hlc.LayerCollapseTrainer(model=model, args=training_args(tmp_path, learning_rate=1e-12),
+                                       train_dataset=classification_data(), collapse_args=collapse_args)
+    before = [a.alpha_value for a in hlc.injected_activations(model).values()]
+    trainer.train()
+    after = [a.alpha_value for a in hlc.injected_activations(model).values()]
+    # the task gradient also reaches α; bound it by comparing with λ = 0
+    model0 = hlc.get_collapse_model(bert_classifier(), hlc.LayerCollapseConfig(reg_weight=0.0))
+    hlc.LayerCollapseTrainer(model=model0, args=training_args(tmp_path / "zero", learning_rate=1e-12),
+                             train_dataset=classification_data(), collapse_args=collapse_args).train()
+    task_only = [a.alpha_value for a in hlc.injected_activations(model0).values()]
+    for b, a, t in zip(before, after, task_only):
+        assert a - t == pytest.approx(0.1 * 0.25 * 2 * (1 - b), abs=1e-6)
+
+
+def test_alpha_has_its_own_learning_rate_and_no_weight_decay(tmp_path):
+    model = hlc.get_collapse_model(bert_classifier())
+    trainer = hlc.LayerCollapseTrainer(
+        model=model, args=training_args(tmp_path, weight_decay=0.1, optim="adamw_torch"),
+        train_dataset=classification_data(), collapse_args=hlc.CollapseArguments(alpha_learning_rate=3e-2))
+    optimizer = trainer.create_optimizer()
+    alpha_ids = {id(a.alpha) for a in hlc.injected_activations(model).values()}
+    groups = [g for g in optimizer.param_groups if any(id(p) in alpha_ids for p in g["params"])]
+    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == alpha_ids
+    assert groups[0]["lr"] == 3e-2 and groups[0]["weight_decay"] == 0.0
+    decay_names = trainer.get_decay_parameter_names(model)
+    assert not any(name.endswith(".alpha") for name in decay_names)
+    assert any(name.endswith("intermediate.dense.weight") for name in decay_names)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [2.0, 2.0, 2.0, 2.0]),
+    ("linear", [0.0, 1.0, 2.0, 2.0]),
+    ("cosine", [0.0, 1.0, 2.0, 2.0]),
+])
+def test_reg_weight_schedules(tmp_path, schedule, expected):
+    model = hlc.get_collapse_model(bert_classifier())
+    args = hlc.CollapseArguments(reg_weight=2.0, reg_schedule=schedule, reg_warmup_ratio=0.5)
+    trainer = hlc.LayerCollapseTrainer(model=model, args=training_args(tmp_path), train_dataset=classification_data(),
+                                       collapse_args=args)
+    trainer.state.max_steps = 4
+    values = []
+    for step in range(4):
+        trainer.state.global_step = step
+        values.append(trainer.current_reg_weight())
+    assert values == pytest.approx(expected)
+
+
+def test_logs_carry_regulariser_and_alphas(tmp_path):
+    model = hlc.get_collapse_model(bert_classifier(), hlc.LayerCollapseConfig(threshold=0.5))
+    trainer = hlc.LayerCollapseTrainer(
+        model=model, args=training_args(tmp_path, max_steps=3, per_device_train_batch_size=4),
+        train_dataset=classification_data(), collapse_args=hlc.CollapseArguments(alpha_learning_rate=0.4))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    names = list(hlc.injected_activations(model))
+    last = logs[-1]
+    alphas = [last[f"alpha/{name}"] for name in names]
+    # α logged at step 3 is the one used in step 3's forward pass; then one more update happened
+    assert 0 < alphas[0] < hlc.injected_activations(model)[names[0]].alpha_value
+    assert last["alpha_mean"] == pytest.approx(sum(alphas) / len(alphas))
+    assert last["alpha_within_threshold"] == sum(abs(1 - a) <= 0.5 for a in alphas)
+    assert last["reg_loss"] == pytest.approx(sum((1 - a) ** 2 for a in alphas), rel=1e-5)
+    assert logs[0]["reg_loss"] == pytest.approx(len(names))  # α = 0 at the first step
+    assert last["reg_weight"] == 1.0
+
+
+def test_collapse_at_end_saves_a_model_that_reloads(tmp_path):
+    model = hlc.get_collapse_model(bert_classifier(), hlc.LayerCollapseConfig(reg_weight=5.0))
+    args = hlc.CollapseArguments(alpha_learning_rate=1.0, collapse_at_end=True)
+    out = tmp_path / "out"
+    trainer = hlc.LayerCollapseTrainer(model=model, args=training_args(out, max_steps=4, per_device_train_batch_size=4),
+                                       train_dataset=classification_data(), collapse_args=args)
+    trainer.train()
+    assert len(trainer.collapse_report.collapsed) == 2
+    assert not hlc.injected_activations(model)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    model.eval()
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+    assert sum(p.numel() for p in reloaded.parameters()) == trainer.collapse_report.model_params_after
+    assert any("params_saved" in entry for entry in trainer.state.log_history)
+
+
+def test_collapse_at_end_without_any_block_in_threshold_saves_the_injected_model(tmp_path, caplog):
+    model = hlc.get_collapse_model(bert_classifier(), hlc.LayerCollapseConfig(reg_weight=0.0))
+    args = hlc.CollapseArguments(collapse_at_end=True)
+    out = tmp_path / "out"
+    trainer = hlc.LayerCollapseTrainer(model=model, args=training_args(out, max_steps=1),
+                                       train_dataset=classification_data(), collapse_args=args)
+    with caplog.at_level(logging.WARNING, logger="hf_layercollapse.trainer"):
+        trainer.train()
+    assert "no block" in caplog.text
+    assert not trainer.collapse_report.collapsed
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    loaded_alphas = [a.alpha_value for a in hlc.injected_activations(reloaded).values()]
+    assert loaded_alphas == pytest.approx([a.alpha_value for a in hlc.injected_activations(model).values()])
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    class StopAtStep2(TrainerCallback):  # the run "crashes" right after checkpoint-2 is written
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    def run(out, resume=None, callbacks=None):
+        model = hlc.get_collapse_model(bert_classifier(), hlc.LayerCollapseConfig(reg_weight=0.3))
+        args = training_args(out, max_steps=4, per_device_train_batch_size=4, optim="adamw_torch",
+                             learning_rate=1e-2, lr_scheduler_type="linear", save_strategy="steps", save_steps=2)
+        trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=classification_data(),
+                                           collapse_args=hlc.CollapseArguments(alpha_learning_rate=0.05),
+                                           callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume)
+        return state(model)
+
+    full = run(tmp_path / "full")
+    interrupted = run(tmp_path / "part", callbacks=[StopAtStep2()])
+    assert not torch.equal(interrupted["bert.encoder.layer.0.intermediate.intermediate_act_fn.alpha"],
+                           full["bert.encoder.layer.0.intermediate.intermediate_act_fn.alpha"])
+    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-2"))
+    assert any(k.endswith(".alpha") for k in full)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_mixin_composes_with_seq2seq_trainer(tmp_path):
+    class LayerCollapseSeq2SeqTrainer(hlc.LayerCollapseTrainerMixin, Seq2SeqTrainer):
+        pass
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                num_heads=2, decoder_start_token_id=0, pad_token_id=0))
+    model = hlc.get_collapse_model(model, hlc.LayerCollapseConfig(reg_weight=1.0))
+    data = [{"input_ids": torch.tensor([3, 4, 5]), "labels": torch.tensor([6, 7])}] * 8
+    args = Seq2SeqTrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                                    save_strategy="no", disable_tqdm=True, use_cpu=True, logging_steps=1)
+    trainer = LayerCollapseSeq2SeqTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert all(a.alpha_value > 0 for a in hlc.injected_activations(model).values())
+    assert "reg_loss" in trainer.state.log_history[0]
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    model = hlc.get_collapse_model(bert_classifier())
+    trainer = hlc.LayerCollapseTrainer(model=model, args=training_args(tmp_path, max_steps=2, bf16=True,
+                                                                      per_device_train_batch_size=8),
+                                       train_dataset=classification_data())
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(0 < a.alpha_value < 1 for a in hlc.injected_activations(model).values())
+
+
+def test_plain_trainer_gets_same_task_loss(tmp_path):
+    """λ = 0 and α frozen: our trainer's first logged loss equals the plain Trainer's."""
+    losses = []
+    for cls in (Trainer, hlc.LayerCollapseTrainer):
+        model = bert_classifier()
+        if cls is hlc.LayerCollapseTrainer:
+            model = hlc.get_collapse_model(model, hlc.LayerCollapseConfig(reg_weight=0.0))
+        trainer = cls(model=model, args=training_args(tmp_path / cls.__name__), train_dataset=classification_data())
+        trainer.train()
+        losses.append(trainer.state.log_history[0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="get_collapse_model"):
+        hlc.LayerCollapseTrainer(model=bert_classifier(), args=training_args(tmp_path),
+                                 train_dataset=classification_data())
+    with pytest.raises(ValueError, match="reg_weight"):
+        hlc.CollapseArguments(reg_weight=-1.0)
+    with pytest.raises(ValueError, match="reg_schedule"):
+        hlc.CollapseArguments(reg_schedule="step")
+
+
+def test_collapse_arguments_parse_next_to_training_arguments():
+    parser = HfArgumentParser((TrainingArguments, hlc.CollapseArguments))
+    _, args = parser.parse_args_into_dataclasses(
+        ["--output_dir", "x", "--reg_weight", "0.5", "--reg_schedule", "cosine", "--alpha_learning_rate", "0.01",
+         "--collapse_at_end", "--clamp_alpha", "false", "--threshold", "0.1"])
+    assert (args.reg_weight, args.reg_schedule, args.alpha_learning_rate) == (0.5, "cosine", 0.01)
+    assert args.collapse_at_end and not args.clamp_alpha and args.threshold == 0.1
+
+
+def _alpha_trajectory(path: Path) -> list[list[float]]:
+    logs = json.loads(path.read_text())["logs"]
+    return [[v for k, v in sorted(entry.items()) if k.startswith("alpha/")] for entry in logs]
+
+
+def test_two_processes_under_accelerate_launch_match_one_process(tmp_path):
+    single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
+    subprocess.run([sys.executable, str(SCRIPT), str(single), "--per_device_batch", "8"], check=True,
+                   capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29517", str(SCRIPT), str(ddp), "--per_device_batch", "4"]
+    # pytest's own variables in the environment make the gloo workers abort at exit ("terminate called without
+    # an active exception"); the launch must look like a user's
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(ddp.read_text())["world_size"] == 2
+    expected, got = _alpha_trajectory(single), _alpha_trajectory(ddp)
+    assert len(expected) == 4 and expected[-1][0] > 0.3
+    assert len(got) == len(expected)
+    for got_step, expected_step in zip(got, expected):
+        assert got_step == pytest.approx(expected_step, abs=1e-6)
