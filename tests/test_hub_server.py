@@ -11,6 +11,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +40,7 @@ Used by tests only.
 
 
 @pytest.fixture(scope="module")
-def hub() -> Any:
+def hub() -> Iterator[HubServer]:
     with HubServer(tokens={TOKEN: "alice", OTHER_TOKEN: "bob"}) as server:
         yield server
 
@@ -134,7 +135,7 @@ def test_token_never_stored_or_sent_in_a_body(hub: HubServer, uploaded: dict[str
     assert any(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
 
 
-def test_wrong_token_is_rejected(hub: HubServer, model_dir: Path, tmp_path: Path) -> None:
+def test_wrong_token_is_rejected(hub: HubServer, uploaded: dict[str, Any], tmp_path: Path) -> None:
     code = f"""
         from huggingface_hub import HfApi
         HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id={REPO!r})

@@ -31,9 +31,7 @@ def metric_path(name: str) -> Path:
         'f1.py'
     """
     if name not in AVAILABLE_METRICS:
-        raise ValueError(
-            f"Unknown metric {name!r}; available: {', '.join(AVAILABLE_METRICS)}"
-        )
+        raise ValueError(f"Unknown metric {name!r}; available: {', '.join(AVAILABLE_METRICS)}")
     return Path(__file__).with_name(f"{name}.py")
 
 

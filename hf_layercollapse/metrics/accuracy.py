@@ -33,6 +33,8 @@ Args:
 Returns:
     accuracy (`float`): between 0 and 1 when normalized; the (weighted) count otherwise.
 Examples:
+    >>> from hf_layercollapse.metrics import load_metric
+    >>> accuracy = load_metric("accuracy")
     >>> accuracy.compute(predictions=[0, 1, 2, 1], references=[0, 1, 1, 1])
     {'accuracy': 0.75}
 """
@@ -65,15 +67,9 @@ class Accuracy(evaluate.Metric):
         sample_weight: Sequence[float] | None = None,
     ) -> dict[str, float]:
         preds, refs = np.asarray(predictions), np.asarray(references)
-        weights = (
-            np.ones(len(refs))
-            if sample_weight is None
-            else np.asarray(sample_weight, float)
-        )
+        weights = np.ones(len(refs)) if sample_weight is None else np.asarray(sample_weight, float)
         if not len(preds) == len(refs) == len(weights):
-            raise ValueError(
-                "predictions, references and sample_weight need the same length"
-            )
+            raise ValueError("predictions, references and sample_weight need the same length")
         correct = float(np.sum(weights * (preds == refs)))
         if not normalize:
             return {"accuracy": correct}

@@ -42,6 +42,8 @@ Args:
 Returns:
     f1 (`float`): between 0 and 1.
 Examples:
+    >>> from hf_layercollapse.metrics import load_metric
+    >>> f1 = load_metric("f1")
     >>> f1.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 1])
     {'f1': 0.5}
 """
@@ -53,9 +55,7 @@ def _per_label_counts(
     preds: np.ndarray, refs: np.ndarray, weights: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted true positives, predicted positives and actual positives per label."""
-    tp = np.array(
-        [np.sum(weights * ((preds == lab) & (refs == lab))) for lab in labels]
-    )
+    tp = np.array([np.sum(weights * ((preds == lab) & (refs == lab))) for lab in labels])
     predicted = np.array([np.sum(weights * (preds == lab)) for lab in labels])
     actual = np.array([np.sum(weights * (refs == lab)) for lab in labels])
     return tp, predicted, actual
@@ -80,21 +80,13 @@ def f1_score(
     if average not in AVERAGES:
         raise ValueError(f"average must be one of {AVERAGES}, not {average!r}")
     preds, refs = np.asarray(predictions), np.asarray(references)
-    weights = (
-        np.ones(len(refs))
-        if sample_weight is None
-        else np.asarray(sample_weight, float)
-    )
+    weights = np.ones(len(refs)) if sample_weight is None else np.asarray(sample_weight, float)
     if not len(preds) == len(refs) == len(weights):
-        raise ValueError(
-            "predictions, references and sample_weight need the same length"
-        )
+        raise ValueError("predictions, references and sample_weight need the same length")
     if average == "binary":
         present = np.union1d(preds, refs)
         if len(present) > 2:
-            raise ValueError(
-                f"average='binary' needs at most 2 labels, got {present.tolist()}"
-            )
+            raise ValueError(f"average='binary' needs at most 2 labels, got {present.tolist()}")
         chosen = np.asarray([pos_label])
     else:
         chosen = np.union1d(preds, refs) if labels is None else np.asarray(labels)
@@ -111,9 +103,7 @@ def f1_score(
 class F1(evaluate.Metric):
     """F1 score; ``average`` and ``pos_label`` given at load time become the defaults."""
 
-    def __init__(
-        self, *args: Any, average: str = "binary", pos_label: int = 1, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, average: str = "binary", pos_label: int = 1, **kwargs: Any) -> None:
         if average not in AVERAGES:
             raise ValueError(f"average must be one of {AVERAGES}, not {average!r}")
         self.default_average = average
