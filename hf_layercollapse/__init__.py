@@ -8,8 +8,10 @@ __version__ = "0.1.0"
 
 from .activation import CollapsibleActivation
 from .architectures import BlockKind, MLPBlock, find_mlp_blocks
+from .card import build_collapse_report, render_model_card
 from .collapse import collapse_model, merge_projections
 from .config import LayerCollapseConfig
+from .hub import push_to_hub, save_for_hub
 from .injection import get_collapse_model, injected_activations, regularization_loss
 from .modeling import MODEL_TYPE, LayerCollapseConfigError
 from .report import BlockReport, CollapseReport
@@ -28,10 +30,14 @@ __all__ = [
     "LayerCollapseTrainerMixin",
     "MLPBlock",
     "__version__",
+    "build_collapse_report",
     "collapse_model",
     "find_mlp_blocks",
     "get_collapse_model",
     "injected_activations",
     "merge_projections",
+    "push_to_hub",
     "regularization_loss",
+    "render_model_card",
+    "save_for_hub",
 ]

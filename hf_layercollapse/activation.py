@@ -56,6 +56,13 @@ class CollapsibleActivation(nn.Module):
             return torch.where(hidden_states >= 0, hidden_states, alpha * hidden_states)
         return alpha * hidden_states + (1.0 - alpha) * self.activation(hidden_states)
 
+    def __getstate__(self) -> dict:
+        # the term recorded by the last forward is part of an autograd graph: it is not state (deepcopy, pickle)
+        state = dict(self.__dict__)
+        state["_regularization_term"] = None
+        state["last_alpha"] = None
+        return state
+
     def regularization_term(self) -> torch.Tensor:
         """``(1−α)²``: the term recorded by the latest forward pass (consumed), else computed from α now."""
         term, self._regularization_term = self._regularization_term, None

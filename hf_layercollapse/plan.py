@@ -71,6 +71,7 @@ def record_block(model: nn.Module, name: str, layout: Layout, state: str, config
     plan["library_version"] = __version__
     plan["base_model_type"] = model.config.model_type
     plan.setdefault("base_architecture", type(model).__name__)
+    plan.setdefault("base_model_name_or_path", getattr(model, "name_or_path", "") or None)
     if config is not None:
         plan["config"] = config.to_dict()
     plan["blocks"][to_base_name(model, name)] = {"state": state, "layout": layout.to_dict(), **info}

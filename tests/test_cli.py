@@ -1,0 +1,162 @@
+"""``hf-layercollapse`` inspect / collapse / card on tiny models, through ``main([...])`` and its exit codes.
+
+``push`` runs against the test Hub in ``tests/test_hub.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, BertTokenizer
+
+if str(Path(__file__).parent) not in sys.path:  # robust to --import-mode=importlib
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import tiny_config, tiny_model
+
+import hf_layercollapse as hlc
+from hf_layercollapse.cli import COMMANDS, main
+
+IDS = torch.tensor([[1, 5, 7, 2, 9]])
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A saved injected GPT-2 LM (block 1 at α = 1, block 0 at α = 0.3) with a tokenizer, and its in-memory twin."""
+    torch.manual_seed(0)
+    model = hlc.get_collapse_model(AutoModelForCausalLM.from_config(tiny_config("gpt2")).eval())
+    alphas = hlc.injected_activations(model)
+    alphas["transformer.h.0.mlp"].alpha.data.fill_(0.3)
+    alphas["transformer.h.1.mlp"].alpha.data.fill_(1.0)
+    directory = tmp_path_factory.mktemp("injected")
+    model.save_pretrained(directory)
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello"]))
+    BertTokenizer(str(directory / "vocab.txt")).save_pretrained(directory)
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def collapsed(injected: tuple[Path, torch.nn.Module], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("collapsed") / "out"
+    assert main(["collapse", str(injected[0]), str(out)]) == 0
+    return out
+
+
+def _errors(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("hf-layercollapse: error:")]
+    return code, lines[0] if lines else err
+
+
+def test_help_and_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("inspect", "collapse", "card", "push"))
+    for name in COMMANDS:
+        assert main([name, "--help"]) == 0
+    assert "--threshold" in capsys.readouterr().out
+    scripts = entry_points(group="console_scripts")
+    assert any(e.name == "hf-layercollapse" and e.value == "hf_layercollapse.cli:main" for e in scripts)
+
+
+def test_inspect_injected(injected: tuple[Path, torch.nn.Module], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(injected[0]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "GPT2Model" and result["model_type"] == "gpt2" and result["threshold"] == 0.05
+    rows = [(b["name"], b["state"], round(b["alpha"], 4), b["ready"]) for b in result["blocks"]]
+    assert rows == [("h.0.mlp", "injected", 0.3, False), ("h.1.mlp", "injected", 1.0, True)]
+    assert result["savings"]["ready"] == {"blocks": ["h.1.mlp"], "params_saved": 4192 - 1056,
+                                          "fraction": pytest.approx(3136 / result["parameters"])}
+    assert result["savings"]["all"]["params_saved"] == 2 * 3136
+    assert main(["inspect", str(injected[0]), "--threshold", "0.8"]) == 0
+    text = capsys.readouterr().out
+    assert "h.0.mlp  plain  injected (ready)" in text
+    assert "collapsing the 2 injected blocks with |1-α| ≤ τ now would save 6,272" in text
+
+
+def test_inspect_plain_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_model("vit").save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.mlp  plain  plain" in out and "layers.1.mlp  plain  plain" in out
+    assert "collapsing all 2 mergeable blocks" in out and "injected blocks" not in out
+
+
+def test_collapse_matches_in_memory(injected: tuple[Path, torch.nn.Module], collapsed: Path) -> None:
+    reloaded = AutoModelForCausalLM.from_pretrained(collapsed)
+    assert type(reloaded).__name__ == "GPT2LMHeadModel"
+    assert type(reloaded.transformer.h[1].mlp.c_fc).__name__ == "Identity"
+    expected = AutoModelForCausalLM.from_pretrained(injected[0])
+    report = hlc.collapse_model(expected)
+    with torch.no_grad():  # the merge is exact: equal to the collapsed model and to the injected one (α = 1)
+        assert torch.allclose(reloaded(IDS).logits, expected(IDS).logits, atol=1e-6)
+        assert torch.allclose(reloaded(IDS).logits, injected[1](IDS).logits, atol=1e-5)
+    assert sum(p.numel() for p in reloaded.parameters()) == report.model_params_after
+    saved = json.loads((collapsed / "layercollapse_report.json").read_text())
+    assert saved == report.to_dict()
+    assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= {p.name for p in collapsed.iterdir()}
+
+
+def test_collapse_named_blocks(injected: tuple[Path, torch.nn.Module], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, line = _errors(capsys, ["collapse", str(injected[0]), str(tmp_path / "a"), "--blocks", "h.0.mlp"])
+    assert code == 1 and "farther than threshold" in line
+    assert main(["collapse", str(injected[0]), str(tmp_path / "b"), "--blocks", "h.0.mlp", "--force"]) == 0
+    plan = json.loads((tmp_path / "b" / "config.json").read_text())["layercollapse"]["blocks"]
+    assert {name: entry["state"] for name, entry in plan.items()} == {"h.0.mlp": "collapsed", "h.1.mlp": "injected"}
+    assert main(["collapse", str(injected[0]), str(tmp_path / "c"), "--threshold", "0.8"]) == 0
+    assert "collapsed 2 of 2 blocks" in capsys.readouterr().out
+
+
+def test_card(collapsed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = tmp_path / "training.json"
+    info.write_text(json.dumps({"steps": 1234, "learning_rate": 1e-4}))
+    output = tmp_path / "card" / "README.md"
+    argv = ["card", str(collapsed), "--output", str(output), "--license", "apache-2.0", "--repo-id", "me/tiny",
+            "--training-info", str(info)]
+    assert main(argv) == 0
+    card = ModelCard.load(output)
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-generation"
+    assert card.data.library_name == "transformers" and "layercollapse" in card.data.tags
+    assert "| `transformer.h.1.mlp` | plain | 1.0000 | collapsed |" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny")' in card.text
+    assert "| steps | 1234 |" in card.text and "| learning_rate | 0.0001 |" in card.text
+    assert (output.parent / "layercollapse_chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bare = tmp_path / "bare"  # no saved report: the card rebuilds it from the plan and a meta-device model
+    shutil.copytree(collapsed, bare, ignore=shutil.ignore_patterns("layercollapse_report.json"))
+    assert main(["card", str(bare), "--license", "mit"]) == 0
+    text = (bare / "README.md").read_text()
+    assert "| `transformer.h.1.mlp` | plain | 1.0000 | collapsed | 4,192 → 1,056 | 8,192 → 2,048 |" in text
+    assert "| parameters | 22,368 | 19,233 | -14.02% |" in text and "# bare" in text
+    template = tmp_path / "mine.md"
+    template.write_text("---\n{{ card_data }}\n---\n{{ model_name }}: {{ num_collapsed }}/{{ num_blocks }}\n")
+    assert main(["card", str(collapsed), "--output", str(output), "--template", str(template), "--license", "mit"]) == 0
+    assert ModelCard.load(output).text.strip() == "out: 1/2"
+
+
+def test_errors(injected: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = tmp_path / "plain"
+    tiny_model("bert").save_pretrained(plain)
+    cases = [
+        (["collapse", str(tmp_path / "missing"), str(tmp_path / "out")], "no such directory"),
+        (["collapse", str(plain), str(tmp_path / "out")], "not a LayerCollapse checkpoint"),
+        (["card", str(plain)], "not a LayerCollapse checkpoint"),
+        (["push", str(plain), "me/x"], "not a LayerCollapse checkpoint"),
+        (["collapse", str(injected[0]), str(injected[0])], "OUT_DIR must differ"),
+        (["inspect", "not-a-dir"], "no such directory"),
+        (["card", str(injected[0]), "--training-info", str(tmp_path / "nope.json")], "nope.json: no such file"),
+    ]
+    for argv, message in cases:
+        code, line = _errors(capsys, argv)
+        assert code == 1 and message in line, (argv, line)
+    assert main(["collapse", str(plain)]) == 2  # usage error from argparse
+    assert "required: OUT_DIR" in capsys.readouterr().err
