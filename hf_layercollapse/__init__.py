@@ -14,6 +14,7 @@ from .config import LayerCollapseConfig
 from .hub import push_to_hub, save_for_hub
 from .injection import get_collapse_model, injected_activations, regularization_loss
 from .modeling import MODEL_TYPE, LayerCollapseConfigError
+from .planner import CollapsePlan, plan_collapse
 from .report import BlockReport, CollapseReport
 from .trainer import CollapseArguments, LayerCollapseTrainer, LayerCollapseTrainerMixin
 
@@ -22,6 +23,7 @@ __all__ = [
     "BlockKind",
     "BlockReport",
     "CollapseArguments",
+    "CollapsePlan",
     "CollapseReport",
     "CollapsibleActivation",
     "LayerCollapseConfig",
@@ -36,6 +38,7 @@ __all__ = [
     "get_collapse_model",
     "injected_activations",
     "merge_projections",
+    "plan_collapse",
     "push_to_hub",
     "regularization_loss",
     "render_model_card",

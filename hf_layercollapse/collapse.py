@@ -89,8 +89,12 @@ def collapse_model(
     blocks: list[str] | None = None,
     threshold: float | None = None,
     force: bool = False,
+    plan=None,
 ) -> CollapseReport:
     """Merge, in place, every injected MLP block whose α is within ``threshold`` of 1 into one projection.
+
+    With ``plan`` (a :class:`~hf_layercollapse.CollapsePlan` from :func:`~hf_layercollapse.plan_collapse`), merge
+    the plan's blocks instead, each with the merge the planner chose (least squares or exact), no α needed.
 
     Args:
         model: A model prepared with :func:`~hf_layercollapse.get_collapse_model` (and usually fine-tuned).
@@ -100,6 +104,7 @@ def collapse_model(
         threshold: τ; default: the ``threshold`` of the config used at injection (0.05).
         force: Merge the named blocks even when α is far from 1 (the merged block then computes
             ``W2·W1·x + b``, dropping the activation's non-linear part).
+        plan: A collapse plan (see above); ``blocks``, ``threshold`` and ``force`` must then be left unset.
 
     Returns:
         A :class:`~hf_layercollapse.CollapseReport` with α, parameters and FLOPs per block.
@@ -117,6 +122,13 @@ def collapse_model(
         >>> len(report.collapsed), report.params_saved
         (2, 6208)
     """
+    if plan is not None:
+        if blocks is not None or threshold is not None or force:
+            raise ValueError("collapse_model(plan=...) takes its blocks from the plan: leave blocks, threshold and "
+                             "force unset.")
+        from .planner import apply_collapse_plan
+
+        return apply_collapse_plan(model, plan)
     injected = injected_activations(model)
     if not injected:
         raise ValueError(

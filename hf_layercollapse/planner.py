@@ -1,0 +1,340 @@
+"""`plan_collapse`: compression without fine-tuning, chosen and merged on calibration data.
+
+For every plain MLP block the planner fits, on part of the calibration data, the best affine map from the
+block's input to its output (least squares, fp64, small ridge) and measures on the rest how much the model's
+objective grows when that block alone is replaced by it or by the exact linearisation ``W2·W1`` (the
+activation made the identity). Each block keeps the better of the two (never a merge worse than the simplest
+candidate). Blocks are then picked cheapest first until the budget is met, and the combined cost of the
+chosen set is measured. :func:`~hf_layercollapse.collapse_model` applies the plan.
+
+The objective is the task loss when the batches carry ``labels``, the language-modelling loss for causal LMs,
+and otherwise the divergence from the original outputs (KL for logits, relative squared error for hidden
+states).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .architectures import BlockKind, Layout, MLPBlock, find_mlp_blocks, projection_shape
+from .calibration import calibration_batches, collect_statistics, replaced_blocks
+from .collapse import block_costs, empty_projection, install_merged, merge_projections
+from .plan import record_block
+from .report import BlockReport, CollapseReport
+
+PLAN_FILE, WEIGHTS_FILE = "collapse_plan.json", "collapse_plan.safetensors"
+
+
+@dataclass
+class PlannedBlock:
+    """One candidate block: its measured costs and the merge the planner chose for it."""
+
+    name: str
+    layout: Layout
+    method: str  # "least_squares" or "exact"
+    cost: float
+    cost_exact: float
+    cost_least_squares: float
+    params_saved: int
+    weight: torch.Tensor | None = field(default=None, repr=False)  # least-squares map [out, in]
+    bias: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class CollapsePlan:
+    """What :func:`plan_collapse` measured and chose; print it, save it, or pass it to ``collapse_model``."""
+
+    selected: list[PlannedBlock]
+    candidates: list[PlannedBlock]
+    objective: str
+    baseline: float
+    measured_cost: float
+    params_total: int
+
+    @property
+    def params_saved(self) -> int:
+        return sum(b.params_saved for b in self.selected)
+
+    def to_dict(self) -> dict:
+        def row(b: PlannedBlock) -> dict:
+            return {"name": b.name, "layout": b.layout.to_dict(), "method": b.method, "cost": b.cost,
+                    "cost_exact": b.cost_exact, "cost_least_squares": b.cost_least_squares,
+                    "params_saved": b.params_saved}
+
+        return {"objective": self.objective, "baseline": self.baseline, "measured_cost": self.measured_cost,
+                "params_total": self.params_total, "params_saved": self.params_saved,
+                "selected": [b.name for b in self.selected], "candidates": [row(b) for b in self.candidates]}
+
+    def __str__(self) -> str:
+        chosen = {b.name for b in self.selected}
+        rows = [("block", "chosen", "merge", "cost (exact)", "cost (least squares)", "params saved")]
+        for b in self.candidates:
+            rows.append((b.name, "yes" if b.name in chosen else "", b.method, f"{b.cost_exact:+.4g}",
+                         f"{b.cost_least_squares:+.4g}", f"{b.params_saved:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        fraction = 100 * self.params_saved / self.params_total if self.params_total else 0.0
+        lines.append(f"{self.objective}: baseline {self.baseline:.4g}; {len(self.selected)} blocks chosen, measured "
+                     f"increase {self.measured_cost:+.4g} (sum of single-block costs "
+                     f"{sum(b.cost for b in self.selected):+.4g}); parameters saved {self.params_saved:,} "
+                     f"({fraction:.2f}%)")
+        return "\n".join(lines)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``collapse_plan.json`` and the fitted maps (``collapse_plan.safetensors``) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{b.name}.{k}": v.contiguous() for b in self.candidates
+                   for k, v in (("weight", b.weight), ("bias", b.bias)) if v is not None}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, directory / WEIGHTS_FILE)
+        tmp = directory / (PLAN_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, directory / PLAN_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CollapsePlan:
+        directory = Path(directory)
+        try:
+            data = json.loads((directory / PLAN_FILE).read_text())
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{directory} does not hold a readable collapse plan ({PLAN_FILE}, {WEIGHTS_FILE}): "
+                             f"{err}") from err
+        candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"]), c["method"], c["cost"], c["cost_exact"],
+                                   c["cost_least_squares"], c["params_saved"], tensors.get(f"{c['name']}.weight"),
+                                   tensors.get(f"{c['name']}.bias")) for c in data["candidates"]]
+        by_name = {b.name: b for b in candidates}
+        return cls([by_name[n] for n in data["selected"]], candidates, data["objective"], data["baseline"],
+                   data["measured_cost"], data["params_total"])
+
+
+# --------------------------------------------------------------------------------------------------- objective
+class _Objective:
+    """Mean loss over batches: task loss, LM loss, or divergence from the original outputs."""
+
+    def __init__(self, model: nn.Module, batches: list[dict]) -> None:
+        self.model = model
+        self.batches = batches
+        name = getattr(model, "_get_name", lambda: "")()
+        if all("labels" in b for b in batches):
+            self.kind = "task loss"
+        elif name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and all("input_ids" in b for b in batches):
+            self.kind = "language-modelling loss"
+            for b in batches:
+                labels = b["input_ids"].clone()
+                if "attention_mask" in b:
+                    labels[b["attention_mask"] == 0] = -100
+                b["labels"] = labels
+        else:
+            self.kind = "output divergence"
+            self.reference = [self._output(b) for b in batches]
+
+    @torch.no_grad()
+    def _output(self, batch: dict) -> torch.Tensor:
+        out = self.model(**{k: v for k, v in batch.items() if k != "labels"})
+        first = out["logits"] if "logits" in out else out[0]
+        return first.float()
+
+    @torch.no_grad()
+    def __call__(self, progress=None) -> float:
+        total, weight = 0.0, 0
+        for i, batch in enumerate(self.batches):
+            n = next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))).shape[0]
+            if self.kind != "output divergence":
+                value = float(self.model(**batch).loss)
+            else:
+                out, ref = self._output(batch), self.reference[i]
+                if out.shape[-1] <= 1024 and out.dim() == 2:  # classification logits: KL(original || merged)
+                    value = float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1),
+                                                             log_target=True, reduction="batchmean"))
+                else:
+                    value = float((out - ref).square().sum() / ref.square().sum().clamp(min=1e-12))
+            total, weight = total + value * n, weight + n
+            if progress is not None:
+                progress.update(1)
+        return total / weight
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor, like: nn.Module) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer
+
+
+def plan_collapse(
+    model: nn.Module,
+    calibration_data,
+    *,
+    num_blocks: int | None = None,
+    params_fraction: float | None = None,
+    max_loss_increase: float | None = None,
+    batch_size: int = 8,
+    holdout: float = 0.5,
+    ridge: float = 1e-4,
+    show_progress: bool = True,
+) -> CollapsePlan:
+    """Measure what linearising each MLP block costs on calibration data and pick blocks for a budget.
+
+    Give exactly one budget: ``num_blocks`` (the k cheapest blocks), ``params_fraction`` (remove at least this
+    fraction of the model's parameters) or ``max_loss_increase`` (add blocks cheapest first while the measured
+    increase of the objective stays within it).
+
+    Args:
+        model: Any model the core supports (plain MLP blocks; injected or not).
+        calibration_data: A ``datasets.Dataset`` of model inputs (fixed length), a ``DataLoader`` or batches.
+        batch_size: Batch size when ``calibration_data`` is a dataset.
+        holdout: Fraction of the batches used to measure costs; the rest fits the least-squares maps.
+        ridge: Ridge term of the least-squares fit, relative to the mean input energy.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> import hf_layercollapse as hlc
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        ...                              intermediate_size=64, vocab_size=50)).eval()
+        >>> batches = [{"input_ids": torch.randint(1, 50, (4, 12))} for _ in range(4)]
+        >>> plan = hlc.plan_collapse(model, batches, num_blocks=2, show_progress=False)
+        >>> len(plan.selected), len(hlc.collapse_model(model, plan=plan).collapsed)
+        (2, 2)
+    """
+    budgets = [b for b in (num_blocks, params_fraction, max_loss_increase) if b is not None]
+    if len(budgets) != 1:
+        raise ValueError("Give exactly one budget: num_blocks, params_fraction or max_loss_increase.")
+    if params_fraction is not None and not 0 < params_fraction < 1:
+        raise ValueError(f"params_fraction={params_fraction!r} must lie in (0, 1).")
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout={holdout!r} must lie in (0, 1).")
+    batches = calibration_batches(calibration_data, model, batch_size)
+    split = max(1, min(len(batches) - 1, round(len(batches) * (1 - holdout)))) if len(batches) > 1 else 1
+    fit_batches, eval_batches = batches[:split], (batches[split:] or batches)
+    blocks = [b for b in find_mlp_blocks(model) if b.kind is BlockKind.PLAIN]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no plain MLP block that can be collapsed.")
+    was_training = model.training
+    model.eval()
+    try:
+        steps = len(fit_batches) + len(eval_batches) * (1 + 2 * len(blocks))
+        with tqdm(total=steps, desc="plan_collapse", disable=not show_progress) as progress:
+            stats = collect_statistics(model, blocks, fit_batches, progress)
+            objective = _Objective(model, eval_batches)
+            baseline = objective(progress)
+            candidates = [_measure(model, block, stats[block.name], objective, baseline, ridge, progress)
+                          for block in blocks]
+        candidates = [c for c in candidates if c.params_saved > 0]
+        ranked = sorted(candidates, key=lambda c: c.cost)
+        params_total = sum(p.numel() for p in model.parameters())
+        selected, measured = _select(model, blocks, ranked, objective, baseline, params_total, num_blocks,
+                                     params_fraction, max_loss_increase)
+    finally:
+        model.train(was_training)
+    return CollapsePlan(selected, candidates, objective.kind, baseline, measured, params_total)
+
+
+def _measure(model, block: MLPBlock, stats, objective: _Objective, baseline: float, ridge: float,
+             progress) -> PlannedBlock:
+    fc1, fc2 = model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2"))
+    exact = merge_projections(fc1, fc2)
+    weight, bias = stats.solve(ridge)
+    fitted = _linear(weight.to(fc2.weight.device, torch.float32), bias.to(fc2.weight.device, torch.float32), fc2)
+    with replaced_blocks(model, {block: exact}):
+        cost_exact = objective(progress) - baseline
+    with replaced_blocks(model, {block: fitted}):
+        cost_fitted = objective(progress) - baseline
+    if not math.isfinite(cost_fitted):
+        cost_fitted = math.inf
+    before, after, _, _ = block_costs(fc1, fc2, True)
+    use_fit = cost_fitted < cost_exact
+    return PlannedBlock(block.name, block.layout, "least_squares" if use_fit else "exact",
+                        cost_fitted if use_fit else cost_exact, cost_exact, cost_fitted, before - after,
+                        fitted.weight.detach().float().cpu() if use_fit else None,
+                        fitted.bias.detach().float().cpu() if use_fit else None)
+
+
+def _replacement(model, planned: PlannedBlock) -> nn.Module:
+    owner = model.get_submodule(planned.name) if planned.name else model
+    fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)
+    if planned.method == "exact":
+        return merge_projections(fc1, fc2)
+    d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
+    if tuple(planned.weight.shape) != (d_out, d_in):
+        raise ValueError(f"The plan's map for {planned.name!r} is {tuple(planned.weight.shape)} but the block maps "
+                         f"{d_in} -> {d_out}: the plan belongs to another model.")
+    merged = empty_projection(fc2, d_in, d_out, True)
+    weight = planned.weight.to(merged.weight.device, merged.weight.dtype)
+    with torch.no_grad():
+        merged.weight.copy_(weight.T if merged.weight.shape != weight.shape else weight)
+        merged.bias.copy_(planned.bias)
+    return merged
+
+
+def _select(model, blocks, ranked, objective, baseline, params_total, num_blocks, params_fraction,
+            max_loss_increase) -> tuple[list[PlannedBlock], float]:
+    by_name = {b.name: b for b in blocks}
+
+    def measure(chosen: list[PlannedBlock]) -> float:
+        replacements = {by_name[c.name]: _replacement(model, c) for c in chosen}
+        with replaced_blocks(model, replacements):
+            return objective() - baseline
+
+    if num_blocks is not None:
+        if not 0 < num_blocks <= len(ranked):
+            raise ValueError(f"num_blocks={num_blocks}: between 1 and {len(ranked)} blocks can be collapsed.")
+        chosen = ranked[:num_blocks]
+        return chosen, measure(chosen)
+    if params_fraction is not None:
+        saved, chosen = 0, []
+        for candidate in ranked:
+            chosen.append(candidate)
+            saved += candidate.params_saved
+            if saved >= params_fraction * params_total:
+                return chosen, measure(chosen)
+        best = saved / params_total
+        raise ValueError(f"params_fraction={params_fraction} cannot be met: collapsing every block removes "
+                         f"{best:.4f} of the parameters at most.")
+    chosen, cost = [], 0.0
+    for candidate in ranked:
+        trial = measure([*chosen, candidate])
+        if trial > max_loss_increase:
+            break
+        chosen, cost = [*chosen, candidate], trial
+    if not chosen:
+        raise ValueError(f"max_loss_increase={max_loss_increase} cannot be met: the cheapest block alone costs "
+                         f"{ranked[0].cost:+.4g}.")
+    return chosen, cost
+
+
+def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
+    """Merge the plan's blocks in place (what ``collapse_model(model, plan=plan)`` does)."""
+    report = CollapseReport(model_params_before=sum(p.numel() for p in model.parameters()))
+    replacements = [(p, _replacement(model, p)) for p in plan.selected]  # validate everything before changing
+    for planned, merged in replacements:
+        owner = model.get_submodule(planned.name) if planned.name else model
+        fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)
+        before, after, flops_before, flops_after = block_costs(fc1, fc2, merged.bias is not None)
+        act = owner.get_submodule(planned.layout.act)
+        alpha = getattr(act, "alpha_value", None)
+        install_merged(owner, planned.layout, merged)
+        d_in, d_out = projection_shape(merged)
+        record_block(model, planned.name, planned.layout, "collapsed", alpha=alpha, in_features=d_in,
+                     out_features=d_out, bias=merged.bias is not None, projection=type(merged).__name__,
+                     method=planned.method)
+        report.blocks.append(BlockReport(planned.name, planned.layout.kind.value, alpha, "collapsed",
+                                         planned.method, before, after, flops_before, flops_after))
+    report.model_params_after = sum(p.numel() for p in model.parameters())
+    return report

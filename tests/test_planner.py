@@ -1,0 +1,190 @@
+"""plan_collapse and data-aware merging: least-squares fits, budgets, cost ordering, applying and saving plans."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+import hf_layercollapse as hlc
+from hf_layercollapse.calibration import LeastSquaresStats, collect_statistics, replaced_blocks
+from hf_layercollapse.planner import _Objective
+
+
+def tiny_bert(layers: int = 4, seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64)
+    return BertModel(config).eval()
+
+
+def batches(n: int = 6, seed: int = 1, vocab: int = 60) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, vocab, (4, 10), generator=generator)} for _ in range(n)]
+
+
+def test_least_squares_reproduces_the_exact_merge_of_a_linear_block():
+    """At α = 1 the block is affine, so its least-squares map computes W2·W1·x + b on new inputs too. (The
+    weights themselves need not match: BERT's block inputs come out of a LayerNorm and lie on a hyperplane.)"""
+    model = hlc.get_collapse_model(tiny_bert(), hlc.LayerCollapseConfig(layers_to_transform=[1]))
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    block = hlc.find_mlp_blocks(model)[1]
+    fc1, fc2 = model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2"))
+    stats = collect_statistics(model, [block], batches(8))[block.name]
+    weight, bias = stats.solve(ridge=1e-10)
+    captured = []
+    handle = fc1.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    with torch.no_grad():
+        model(**batches(2, seed=7)[0])
+    handle.remove()
+    x = captured[0].reshape(-1, 32).double()
+    exact = hlc.merge_projections(fc1, fc2)
+    expected = x @ exact.weight.double().T + exact.bias.double()
+    torch.testing.assert_close(x @ weight.T + bias, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_least_squares_statistics_stream_over_batches():
+    """Accumulating batch by batch equals one fit on everything, so memory does not grow with the data."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 5), torch.randn(200, 3)
+    streamed = LeastSquaresStats(5, 3, torch.device("cpu"))
+    for i in range(0, 200, 50):
+        streamed.update(x[i:i + 50], y[i:i + 50], None)
+    weight, bias = streamed.solve(ridge=0.0)
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(200, 1)], 1).double(), y.double()).solution
+    torch.testing.assert_close(weight, solution[:5].T, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(bias, solution[5], atol=1e-8, rtol=1e-8)
+
+
+def _single_block_cost(model, plan_block, calibration) -> float:
+    """What collapsing only this block really costs: collapse a copy with a one-block plan and measure."""
+    clone = copy.deepcopy(model)
+    one = hlc.CollapsePlan([plan_block], [plan_block], "", 0.0, 0.0, 0)
+    holdout = calibration[len(calibration) // 2:]
+    baseline = _Objective(model, holdout)
+    reference = baseline()
+    hlc.collapse_model(clone, plan=one)
+    objective = _Objective(clone, holdout)
+    objective.reference = baseline.reference
+    return objective() - reference
+
+
+def test_plan_orders_blocks_by_their_measured_cost_and_respects_num_blocks():
+    model, data = tiny_bert(), batches()
+    plan = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
+    costs = sorted(plan.candidates, key=lambda c: c.cost)
+    assert [b.name for b in plan.selected] == [c.name for c in costs[:2]]
+    for candidate in plan.candidates:
+        assert candidate.cost == min(candidate.cost_exact, candidate.cost_least_squares)
+        assert candidate.cost == pytest.approx(_single_block_cost(model, candidate, data), rel=1e-4, abs=1e-7)
+    assert "encoder.layer" in str(plan) and plan.params_saved == 2 * (2 * 32 * 64 + 64 + 32 - 32 * 32 - 32)
+
+
+def test_params_fraction_and_max_loss_budgets():
+    model, data = tiny_bert(), batches()
+    total = sum(p.numel() for p in model.parameters())
+    per_block = 2 * 32 * 64 + 64 + 32 - 32 * 32 - 32
+    plan = hlc.plan_collapse(model, data, params_fraction=1.5 * per_block / total, show_progress=False)
+    assert len(plan.selected) == 2  # the smallest number of cheapest blocks that reaches the fraction
+    plan = hlc.plan_collapse(model, data, max_loss_increase=1e9, show_progress=False)
+    assert len(plan.selected) == 4
+    cheapest = min(c.cost for c in plan.candidates)
+    tight = hlc.plan_collapse(model, data, max_loss_increase=cheapest * 1.0001, show_progress=False)
+    assert 1 <= len(tight.selected) < 4 and tight.measured_cost <= cheapest * 1.0001
+    with pytest.raises(ValueError, match="removes .* of the parameters at most"):
+        hlc.plan_collapse(model, data, params_fraction=0.99, show_progress=False)
+    with pytest.raises(ValueError, match="cheapest block alone costs"):
+        hlc.plan_collapse(model, data, max_loss_increase=cheapest / 10, show_progress=False)
+    with pytest.raises(ValueError, match="between 1 and 4"):
+        hlc.plan_collapse(model, data, num_blocks=5, show_progress=False)
+
+
+def test_applied_plan_equals_the_measured_replacement_and_reloads(tmp_path):
+    model, data = tiny_bert(), batches()
+    plan = hlc.plan_collapse(model, data, num_blocks=3, show_progress=False)
+    ids = data[0]["input_ids"]
+    blocks = {b.name: b for b in hlc.find_mlp_blocks(model)}
+    from hf_layercollapse.planner import _replacement
+
+    with torch.no_grad(), replaced_blocks(model, {blocks[p.name]: _replacement(model, p) for p in plan.selected}):
+        expected = model(ids).last_hidden_state
+    params_before = sum(p.numel() for p in model.parameters())
+    report = hlc.collapse_model(model, plan=plan)
+    assert len(report.collapsed) == 3 and report.params_saved == plan.params_saved
+    assert params_before - sum(p.numel() for p in model.parameters()) == plan.params_saved
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_save_and_load_round_trip(tmp_path):
+    model, data = tiny_bert(), batches()
+    plan = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
+    plan.save(tmp_path)
+    loaded = hlc.CollapsePlan.load(tmp_path)
+    assert loaded.to_dict() == plan.to_dict()
+    twin = copy.deepcopy(model)
+    hlc.collapse_model(model, plan=plan)
+    hlc.collapse_model(twin, plan=loaded)
+    ids = data[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).last_hidden_state, model(ids).last_hidden_state, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="another model"):
+        wide = BertModel(BertConfig(vocab_size=60, hidden_size=48, num_hidden_layers=4, num_attention_heads=2,
+                                    intermediate_size=64))
+        hlc.collapse_model(wide, plan=loaded)
+
+
+def test_causal_lm_uses_the_language_modelling_loss():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=32, n_layer=3, n_head=2, bos_token_id=0,
+                                       eos_token_id=0)).eval()
+    plan = hlc.plan_collapse(model, batches(), num_blocks=1, show_progress=False)
+    assert plan.objective == "language-modelling loss" and plan.baseline > 3.0  # ≈ ln(60) for random weights
+
+
+def test_bad_input():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="empty"):
+        hlc.plan_collapse(model, [], num_blocks=1)
+    with pytest.raises(ValueError, match="needs 'input_ids'"):
+        hlc.plan_collapse(model, [{"text": ["hello"]}], num_blocks=1)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        hlc.plan_collapse(model, batches(), num_blocks=1, max_loss_increase=0.1)
+    with pytest.raises(ValueError, match="leave blocks"):
+        hlc.collapse_model(model, plan=hlc.CollapsePlan([], [], "", 0.0, 0.0, 0), threshold=0.1)
+
+
+@pytest.fixture(scope="module")
+def minilm_and_tweets():
+    from hf_layercollapse import assets
+
+    path = assets.minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = list(assets.load_tweets()["train"]["text"][:96])
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=48, return_tensors="pt")
+    data = [{k: v[i:i + 16] for k, v in encoded.items()} for i in range(0, 96, 16)]
+    return AutoModel.from_pretrained(path).eval(), data
+
+
+def test_real_minilm_least_squares_beats_the_naive_merge_on_held_out_tweets(minilm_and_tweets):
+    model, data = minilm_and_tweets
+    plan = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
+    assert plan.objective == "output divergence" and len(plan.candidates) == 6
+    for candidate in plan.candidates:  # the MiniLM's GELU blocks are far from linear
+        assert candidate.cost_least_squares <= candidate.cost_exact
+        assert candidate.method == "least_squares"
+    collapsed = copy.deepcopy(model)
+    report = hlc.collapse_model(collapsed, plan=plan)
+    assert report.params_saved == 2 * (2 * 384 * 1536 + 1536 + 384 - 384 * 384 - 384)
+    holdout = data[3:]
+    with torch.no_grad():
+        errors = [float((collapsed(**b).last_hidden_state - model(**b).last_hidden_state).square().sum()
+                        / model(**b).last_hidden_state.square().sum()) for b in holdout]
+    assert sum(errors) / len(errors) == pytest.approx(plan.measured_cost, rel=1e-3)
