@@ -37,7 +37,8 @@ def calibration_batches(data, model: nn.Module, batch_size: int = 8) -> list[dic
         if main not in batch and not any(k in params for k in batch if k != "labels"):
             raise ValueError(
                 f"Calibration batch {i} has keys {sorted(batch)} but {type(model).__name__}.forward needs "
-                f"{main!r} (it accepts {sorted(k for k in params if k != 'kwargs')[:8]}): tokenize/process the data first."
+                f"{main!r} (it accepts {sorted(k for k in params if k != 'kwargs')[:8]}): tokenize or process the "
+                "data first."
             )
     return batches
 

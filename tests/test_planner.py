@@ -94,7 +94,7 @@ def test_params_fraction_and_max_loss_budgets():
     cheapest = min(c.cost for c in plan.candidates)
     tight = hlc.plan_collapse(model, data, max_loss_increase=cheapest * 1.0001, show_progress=False)
     assert 1 <= len(tight.selected) < 4 and tight.measured_cost <= cheapest * 1.0001
-    with pytest.raises(ValueError, match="removes .* of the parameters at most"):
+    with pytest.raises(ValueError, match=r"removes .* of the parameters at most"):
         hlc.plan_collapse(model, data, params_fraction=0.99, show_progress=False)
     with pytest.raises(ValueError, match="cheapest block alone costs"):
         hlc.plan_collapse(model, data, max_loss_increase=cheapest / 10, show_progress=False)
