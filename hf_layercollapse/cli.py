@@ -221,6 +221,33 @@ def configure_collapse(parser: argparse.ArgumentParser) -> None:
                         help="collapse only these blocks (names or suffixes such as layer.11)")
     parser.add_argument("--force", action="store_true",
                         help="merge the named --blocks even when α is far from 1 (drops their non-linear part)")
+    parser.add_argument("--plan", default=None, metavar="PLAN_DIR",
+                        help="apply a plan written by 'plan' instead (no fine-tuning or α needed)")
+
+
+def _run_collapse_with_plan(args: argparse.Namespace, source: Path, target: Path) -> int:
+    from .card import REPORT_FILE
+    from .collapse import collapse_model
+    from .planner import CollapsePlan
+
+    if args.blocks or args.threshold is not None or args.force:
+        raise CLIError("--plan takes its blocks from the plan: leave out --blocks, --threshold and --force")
+    plan = CollapsePlan.load(args.plan)
+    config = _load_config(source, require_plan=False)
+    with tqdm(total=3, desc="collapse", unit="step", file=sys.stderr) as progress:
+        model = _load_model(source, config, progress)
+        processor = _load_processor(source)
+        progress.update()
+        report = collapse_model(model, plan=plan)
+        progress.update()
+        model.save_pretrained(target)
+        if processor is not None:
+            processor.save_pretrained(target)
+        (target / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n",
+                                          encoding="utf-8")
+        progress.update()
+    print(report)
+    return 0
 
 
 def run_collapse(args: argparse.Namespace) -> int:
@@ -231,6 +258,8 @@ def run_collapse(args: argparse.Namespace) -> int:
     target = Path(args.output)
     if target.resolve() == source.resolve():
         raise CLIError("OUT_DIR must differ from IN_DIR (the input's weights are still being read)")
+    if args.plan:
+        return _run_collapse_with_plan(args, source, target)
     if args.force and not args.blocks:
         raise CLIError("--force needs --blocks: name the blocks to merge regardless of α")
     config = _load_config(source)
@@ -253,6 +282,64 @@ def run_collapse(args: argparse.Namespace) -> int:
     print(report)
     if not report.collapsed:
         print(f"note: no block was within τ = {report.threshold} of α = 1; {target} is not smaller than {source}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- plan
+
+
+def configure_plan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_DIR", help="a saved model with its tokenizer")
+    parser.add_argument("--data", required=True, help="calibration data: .txt (one example a line), .csv, .json(l)")
+    parser.add_argument("--output", required=True, metavar="PLAN_DIR", help="where to write the plan")
+    parser.add_argument("--text-column", default="text", help="column holding the text (csv/json)")
+    parser.add_argument("--label-column", default=None, help="column of integer labels: measure the task loss")
+    parser.add_argument("--num-samples", type=int, default=256, help="calibration examples to use")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (padded/truncated)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--num-blocks", type=int, help="collapse the N cheapest blocks")
+    budget.add_argument("--params-fraction", type=float, help="remove at least this fraction of the parameters")
+    budget.add_argument("--max-loss-increase", type=float, help="largest accepted increase of the objective")
+
+
+def _calibration_batches(args: argparse.Namespace, directory: Path) -> list[dict]:
+    import datasets
+    import torch
+    from transformers import AutoTokenizer
+
+    path = Path(args.data)
+    if not path.is_file():
+        raise CLIError(f"{args.data}: no such file")
+    kind = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix)
+    if kind is None:
+        raise CLIError(f"{args.data}: use a .txt, .csv, .json or .jsonl file")
+    rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+    if args.text_column not in rows.column_names:
+        raise CLIError(f"{args.data} has no column {args.text_column!r} (columns: {rows.column_names})")
+    rows = rows.select(range(min(args.num_samples, len(rows))))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(list(rows[args.text_column]), padding="max_length", truncation=True,
+                        max_length=args.max_length, return_tensors="pt")
+    if args.label_column:
+        encoded["labels"] = torch.tensor(list(rows[args.label_column]))
+    return [{k: v[i:i + args.batch_size] for k, v in encoded.items()} for i in range(0, len(rows), args.batch_size)]
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .planner import plan_collapse
+
+    source = _checkpoint_dir(args.model)
+    config = _load_config(source, require_plan=False)
+    batches = _calibration_batches(args, source)
+    model = _load_model(source, config)
+    plan = plan_collapse(model, batches, num_blocks=args.num_blocks, params_fraction=args.params_fraction,
+                         max_loss_increase=args.max_loss_increase)
+    plan.save(args.output)
+    print(plan)
+    print(f"plan written to {args.output}; apply it with: {PROG} collapse {args.model} OUT_DIR --plan {args.output}")
     return 0
 
 
@@ -341,8 +428,9 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
-#: name → (add the arguments, run, one-line help). A later ``plan`` subcommand goes here.
+#: name → (add the arguments, run, one-line help).
 COMMANDS: dict[str, Command] = {
+    "plan": (configure_plan, run_plan, "choose blocks to collapse without fine-tuning, from calibration data"),
     "inspect": (configure_inspect, run_inspect,
                 "list the MLP blocks of a model, their α, and what collapsing them would save"),
     "collapse": (configure_collapse, run_collapse, "merge the blocks of a saved injected model whose α reached 1"),

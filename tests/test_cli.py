@@ -160,3 +160,26 @@ def test_errors(injected: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: 
         assert code == 1 and message in line, (argv, line)
     assert main(["collapse", str(plain)]) == 2  # usage error from argparse
     assert "required: OUT_DIR" in capsys.readouterr().err
+
+
+def test_plan_then_collapse_with_the_plan(injected: tuple[Path, torch.nn.Module], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    directory, _ = injected
+    data = tmp_path / "calibration.txt"
+    data.write_text("\n".join(["hello hello", "hello", "hello hello hello", "hello world"] * 4))
+    plan_dir, out = tmp_path / "plan", tmp_path / "planned"
+    assert main(["plan", str(directory), "--data", str(data), "--output", str(plan_dir), "--num-blocks", "1",
+                 "--max-length", "8", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "language-modelling loss" in printed and "transformer.h." in printed
+    plan = hlc.CollapsePlan.load(plan_dir)
+    assert len(plan.selected) == 1
+    assert main(["collapse", str(directory), str(out), "--plan", str(plan_dir)]) == 0
+    expected = AutoModelForCausalLM.from_pretrained(directory).eval()
+    hlc.collapse_model(expected, plan=plan)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, expected(IDS).logits, atol=1e-6, rtol=0)
+    code, message = _errors(capsys, ["plan", str(directory), "--data", str(tmp_path / "missing.txt"), "--output",
+                                     str(plan_dir), "--num-blocks", "1"])
+    assert code == 1 and "no such file" in message
