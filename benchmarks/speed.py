@@ -1,0 +1,79 @@
+"""Inference latency and throughput of a collapsed vs the original all-MiniLM-L6-v2, against the ideal ratio.
+
+    python benchmarks/speed.py            # batch 1 and 32, sequence 128, 30 timed repetitions each
+    python benchmarks/speed.py --quick    # CI smoke run (few repetitions; numbers are not results)
+
+Both models run side by side in one process, interleaved repetition by repetition (so load changes on the
+machine hit both), after warm-up; the table reports medians. The ideal speed-up is the ratio of total
+FLOPs per token (projections and attention scores) of the original and collapsed models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import write_results
+from transformers import AutoModel
+
+import hf_layercollapse as hlc
+from hf_layercollapse import assets
+
+
+def flops_per_token(model, seq: int) -> int:
+    """2 × multiply-adds per token of every Linear, plus attention scores and weighted sums."""
+    linear = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    return linear + layers * 2 * 2 * seq * hidden
+
+
+def collapsed_minilm(blocks: int):
+    model = AutoModel.from_pretrained(assets.minilm_path()).eval()
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=list(range(-blocks, 0))))
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    hlc.collapse_model(model)
+    return model
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seq", type=int, default=128)
+    args = parser.parse_args()
+    reps, warmup = (3, 1) if args.quick else (30, 5)
+    original = AutoModel.from_pretrained(assets.minilm_path()).eval()
+    variants = {"original": original, "collapsed last 3": collapsed_minilm(3), "collapsed all 6": collapsed_minilm(6)}
+    rows = []
+    for batch in (1, 32):
+        ids = torch.randint(1000, 20000, (batch, args.seq))
+        times = {name: [] for name in variants}
+        for rep in range(warmup + reps):
+            for name, model in variants.items():
+                start = time.perf_counter()
+                model(input_ids=ids)
+                if rep >= warmup:
+                    times[name].append(time.perf_counter() - start)
+        base = statistics.median(times["original"])
+        for name, model in variants.items():
+            median = statistics.median(times[name])
+            ideal = flops_per_token(original, args.seq) / flops_per_token(model, args.seq)
+            speedup = base / median
+            rows.append({"model": name, "batch": batch, "seq": args.seq,
+                         "params": f"{sum(p.numel() for p in model.parameters()):,}",
+                         "median latency (ms)": f"{1000 * median:.1f}",
+                         "throughput (seq/s)": f"{batch / median:.1f}", "speed-up": f"{speedup:.3f}",
+                         "ideal (FLOPs)": f"{ideal:.3f}",
+                         "% of ideal gain": f"{100 * (speedup - 1) / (ideal - 1):.0f}" if ideal > 1 else "-"})
+    if args.quick:
+        print(rows)
+        return
+    write_results("speed", "Inference speed: collapsed vs original all-MiniLM-L6-v2 (CPU)", rows,
+                  list(rows[0]), notes="`% of ideal gain` = (speed-up − 1) / (ideal − 1).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The benchmark scripts still run (their quick modes; the numbers of a quick run are not results)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("speed.py", "collapsed all 6"),
+    ("trainer_overhead.py", "ratio (ours / plain)"),
+    ("load_memory.py", "load collapsed last 6"),
+])
+def test_benchmark_quick_mode(script, expected):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True,
+                            timeout=600, cwd=BENCHMARKS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expected in result.stdout
