@@ -64,9 +64,14 @@ class CollapsibleActivation(nn.Module):
         return state
 
     def regularization_term(self) -> torch.Tensor:
-        """``(1−α)²``: the term recorded by the latest forward pass (consumed), else computed from α now."""
+        """``(1−α)²``: the term recorded by the latest forward pass (consumed), else computed from α now.
+
+        A term recorded by a forward pass under ``torch.no_grad()`` (evaluation) carries no gradient: when a
+        gradient is wanted now, the term is computed from α instead, so that it always reaches α.
+        """
         term, self._regularization_term = self._regularization_term, None
-        if term is None:
+        stale = term is not None and not term.requires_grad and torch.is_grad_enabled() and self.alpha.requires_grad
+        if term is None or stale:
             term = (1.0 - self.alpha).square().sum()
         return term
 

@@ -17,8 +17,10 @@ refuses to load the checkpoint: it never loads the original architecture with ra
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
@@ -44,13 +46,15 @@ def _to_dict(self) -> dict[str, Any]:
     return output
 
 
-def _restore_config(base_cls: type, state: dict[str, Any]) -> PretrainedConfig:
-    return collapsed_config_class(base_cls).from_dict(state)
+def _new_config(base_cls: type) -> PretrainedConfig:
+    cls = collapsed_config_class(base_cls)
+    return cls.__new__(cls)
 
 
 def _reduce(self):
-    state = super(type(self), self).to_dict()
-    return _restore_config, (type(self).__mro__[1], state)
+    # pickle/deepcopy: the derived class is rebuilt from its base; every attribute (including private ones such
+    # as _attn_implementation, which to_dict leaves out) is restored as it was.
+    return _new_config, (type(self).__mro__[1],), dict(self.__dict__)
 
 
 @functools.cache
@@ -145,6 +149,19 @@ def _plan_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _unreadable_weight_files(source: Any, subfolder: str | None) -> str:
+    """The ``*.safetensors`` files of a local checkpoint that safetensors cannot open, or ``source`` itself."""
+    directory = Path(str(source), subfolder or "")
+    bad = []
+    for path in sorted(directory.glob("*.safetensors")) if directory.is_dir() else []:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            bad.append(str(path))
+    return ", ".join(bad) if bad else f"a weights file of {source}"
+
+
 class _CollapsedModelMixin:
     """Methods of the derived model classes (see :func:`collapsed_model_class`)."""
 
@@ -153,9 +170,24 @@ class _CollapsedModelMixin:
         apply_plan(self, getattr(config, PLAN_KEY))
 
     @classmethod
+    def is_custom_code(cls) -> bool:
+        # The derived class runs its base class's code. transformers applies a class's checkpoint key conversions
+        # (ViTModel, DeiTModel, CLIP*Model, GPTNeoXForCausalLM...) only to non-custom classes: without this, a
+        # checkpoint saved from a head model (legacy key names) would not load into AutoModel, and back.
+        base = next(b for b in cls.__mro__ if not issubclass(b, _CollapsedModelMixin))
+        return base.is_custom_code()
+
+    @classmethod
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as err:  # its message names no file: say which one is unreadable
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(
+                f"Cannot load the weights of {source}: {_unreadable_weight_files(source, kwargs.get('subfolder'))} "
+                f"is not a valid safetensors file ({err}). It is truncated or corrupt: download or save it again."
+            ) from err
         wrong = [k for k in list(info.get("missing_keys", [])) + [m[0] if isinstance(m, tuple) else m
                  for m in info.get("mismatched_keys", [])]
                  if any(k.startswith(n + ".") or k == n for n in _plan_module_names(model))]

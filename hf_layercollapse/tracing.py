@@ -52,6 +52,11 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # keeps tensors alive so that id() stays unique
         self.depth = 0
         self.handles = []
+        # Every name of each module: one module object may sit under several names (XLM's FFNs all hold the
+        # same module-level `gelu`); hooks fire once per call under the first name.
+        self.aliases: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.aliases.setdefault(id(module), []).append(name)
         for name, module in model.named_modules():
             if next(module.children(), None) is None or isinstance(module, CollapsibleActivation):
                 self.handles.append(module.register_forward_pre_hook(self._enter))
@@ -99,8 +104,13 @@ def _first_value(config, names: tuple[str, ...], default=None):
 
 def dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """Small inputs for one forward pass of a ``transformers`` model, built from its config and signature."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `config` to build example inputs from: pass example_inputs= with one batch "
+            "(a dict of the forward's keyword arguments)."
+        )
     params = inspect.signature(model.forward).parameters
-    config = model.config
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype if weight.is_floating_point() else torch.float32
     inputs: dict[str, torch.Tensor] = {}
@@ -208,7 +218,7 @@ def _relative(prefix: str, name: str) -> str:
     return name[len(prefix) + 1:] if prefix else name
 
 
-def _block_from(act: _Node, graph: _Graph) -> tuple[str, Layout] | None:
+def _block_from(act: _Node, graph: _Graph, aliases: list[str] | None = None) -> tuple[str, Layout] | None:
     fc1, fc1_part = graph.source(act.inputs[0])
     if fc1 is None:
         return None
@@ -230,7 +240,10 @@ def _block_from(act: _Node, graph: _Graph) -> tuple[str, Layout] | None:
         return None
     if consumer.module is None or not isinstance(consumer.module, PROJECTIONS) or consumer is fc1:
         return None
-    names = [fc1.name, act.name, consumer.name] + ([gate.name] if gate else [])
+    act_name = act.name
+    if aliases and len(aliases) > 1:  # a shared activation module: take the name that lies in this block
+        act_name = max(aliases, key=lambda n: len(_common_prefix([fc1.name, n, consumer.name])))
+    names = [fc1.name, act_name, consumer.name] + ([gate.name] if gate else [])
     prefix = _common_prefix(names)
     rel = [_relative(prefix, n) for n in names]
     kind = BlockKind.GATED if gate else BlockKind.PLAIN
@@ -259,20 +272,22 @@ def trace_mlp_blocks(model: nn.Module, example_inputs: dict[str, torch.Tensor] |
     sizes = {id(t): t.numel() for t in recorder.keep}
     graph = _Graph(recorder.nodes, sizes)
     found: dict[str, Layout] = {}
-    act_owner: dict[str, str] = {}
+    act_owner: dict[str, str] = {}  # activation -> "fc1 -> fc2" of the block it was first seen in
     for node in recorder.nodes:
         if not _is_activation(node):
             continue
-        block = _block_from(node, graph)
+        block = _block_from(node, graph, recorder.aliases.get(id(node.module)))
         if block is None:
             continue
         prefix, layout = block
-        if node.name in act_owner and act_owner[node.name] != prefix:
+        act_name = f"{prefix}.{layout.act}" if prefix else layout.act
+        # the same activation between other projections (a shared block such as ALBERT's reuses all three)
+        owner = " -> ".join(f"{prefix}.{part}" if prefix else part for part in (layout.fc1, layout.fc2))
+        if act_owner.setdefault(act_name, owner) != owner:
             raise ValueError(
-                f"Activation module {node.name!r} is shared by MLP blocks {act_owner[node.name]!r} and {prefix!r}: "
+                f"Activation module {act_name!r} is shared by MLP blocks {act_owner[act_name]!r} and {owner!r}: "
                 "they cannot each get their own α. Give each block its own activation module."
             )
-        act_owner[node.name] = prefix
         found.setdefault(prefix, layout)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = sorted(found, key=lambda n: order.get(n, len(order)))

@@ -1,0 +1,179 @@
+"""CollapsibleActivation, injection exactness on the tiny grid, and the regulariser Σ(1−α)²."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_inputs, max_abs_diff, max_rel_diff, num_params, outputs, set_alphas
+from tiny_models import PLAIN, tiny_model
+from torch import nn
+
+import hf_layercollapse as hlc
+
+# ---------------------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU(), nn.SiLU(), nn.Tanh()], ids=lambda a: type(a).__name__)
+def test_blend_is_exact_at_both_ends_and_linear_in_alpha(act):
+    x = torch.randn(64, 16) * 3
+    wrapped = hlc.CollapsibleActivation(act, mode="blend", init_alpha=0.0)
+    assert torch.equal(wrapped(x), act(x))  # α = 0: the original activation, bit for bit
+    with torch.no_grad():
+        wrapped.alpha.fill_(1.0)
+    assert torch.equal(wrapped(x), x)  # α = 1: the identity
+    with torch.no_grad():
+        wrapped.alpha.fill_(0.3)
+    torch.testing.assert_close(wrapped(x), 0.3 * x + 0.7 * act(x), rtol=0, atol=1e-6)
+
+
+def test_prelu_slope():
+    x = torch.linspace(-4, 4, 81)
+    wrapped = hlc.CollapsibleActivation(nn.GELU(), mode="prelu", init_alpha=0.01)
+    expected = torch.where(x >= 0, x, 0.01 * x)
+    torch.testing.assert_close(wrapped(x), expected, rtol=0, atol=1e-7)
+    assert not torch.allclose(wrapped(x), nn.GELU()(x), atol=1e-3)  # it replaces the activation
+    with torch.no_grad():
+        wrapped.alpha.fill_(1.0)
+    assert torch.equal(wrapped(x), x)
+
+
+def test_alpha_is_one_element_parameter_with_gradient():
+    wrapped = hlc.CollapsibleActivation(nn.GELU(), init_alpha=0.5)
+    assert isinstance(wrapped.alpha, nn.Parameter) and wrapped.alpha.shape == (1,)  # FSDP rejects 0-dim
+    x = torch.randn(8)
+    wrapped(x).sum().backward()
+    # d/dα [α·x + (1−α)·gelu(x)] = x − gelu(x)
+    torch.testing.assert_close(wrapped.alpha.grad, (x - nn.functional.gelu(x)).sum().reshape(1))
+    assert wrapped.alpha_value == 0.5 and "alpha=0.5000" in repr(wrapped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_keeps_input_dtype(dtype):
+    wrapped = hlc.CollapsibleActivation(nn.GELU(), init_alpha=0.5)
+    assert wrapped(torch.randn(4, dtype=dtype)).dtype == dtype
+
+
+def test_unknown_mode_rejected():
+    with pytest.raises(ValueError, match="mode='linear'"):
+        hlc.CollapsibleActivation(nn.GELU(), mode="linear")
+
+
+# -------------------------------------------------------------------------------------- injection grid
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_blend_injection_leaves_outputs_unchanged(name):
+    model = tiny_model(name)
+    inputs = make_inputs(model)
+    before, params = outputs(model, inputs), num_params(model)
+    hlc.get_collapse_model(model)
+    acts = hlc.injected_activations(model)
+    assert len(acts) == len(hlc.find_mlp_blocks(model)) > 0
+    assert all(a.mode == "blend" and a.alpha_value == 0.0 for a in acts.values())
+    assert num_params(model) == params + len(acts)  # one α per block, nothing else
+    assert max_abs_diff(outputs(model, inputs), before) <= 1e-6
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_injecting_twice_raises(name):
+    model = tiny_model(name)
+    hlc.get_collapse_model(model)
+    with pytest.raises(ValueError, match="already have collapsible activations"):
+        hlc.get_collapse_model(model)
+    # the wrappers were not wrapped again
+    acts = hlc.injected_activations(model).values()
+    assert all(not isinstance(a.activation, hlc.CollapsibleActivation) for a in acts)
+
+
+def test_injecting_other_blocks_later_is_allowed():
+    model = tiny_model("bert")
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=[0]))
+    with pytest.raises(ValueError, match="already"):
+        hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=[0, 1]))
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=[1]))
+    assert list(hlc.injected_activations(model)) == ["encoder.layer.0", "encoder.layer.1"]
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_prelu_replaces_activation_and_is_identity_at_one(name):
+    model = tiny_model(name)
+    inputs = make_inputs(model)
+    before = outputs(model, inputs)
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(activation="prelu"))
+    assert all(a.alpha_value == pytest.approx(0.01) for a in hlc.injected_activations(model).values())
+    assert max_abs_diff(outputs(model, inputs), before) > 1e-4  # the paper's PReLU changes the model at init
+
+    # at α = 1 the prelu model equals the same model with every activation replaced by the identity
+    set_alphas(model, 1.0)
+    prelu_linear = outputs(model, inputs)
+    for act in hlc.injected_activations(model).values():
+        act.activation = nn.Identity()
+        act.mode = "blend"
+    assert max_rel_diff(prelu_linear, outputs(model, inputs)) <= 1e-6
+
+
+def test_injection_keeps_dtype_and_device():
+    model = tiny_model("bert").to(torch.bfloat16)
+    hlc.get_collapse_model(model)
+    assert {a.alpha.dtype for a in hlc.injected_activations(model).values()} == {torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------ regulariser
+
+
+def test_regularization_loss_is_sum_of_squares_with_gradient():
+    model = tiny_model("bert")
+    hlc.get_collapse_model(model)
+    set_alphas(model, 0.1, 0.7)
+    loss = hlc.regularization_loss(model)
+    assert loss.item() == pytest.approx(0.9**2 + 0.3**2, abs=1e-6)
+    loss.backward()
+    grads = [a.alpha.grad.item() for a in hlc.injected_activations(model).values()]
+    assert grads == pytest.approx([-2 * 0.9, -2 * 0.3], abs=1e-6)  # d/dα (1−α)² = −2(1−α)
+
+
+def test_regularization_loss_after_forward_uses_that_forward():
+    model = tiny_model("gpt2")
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=[-1]))
+    set_alphas(model, 0.25)
+    out = model(**make_inputs(model)).last_hidden_state
+    loss = out.pow(2).mean() + 0.5 * hlc.regularization_loss(model)
+    loss.backward()
+    (act,) = hlc.injected_activations(model).values()
+    assert hlc.regularization_loss(model).item() == pytest.approx(0.75**2)
+    # the gradient on α is the task part plus 0.5 · −2(1−α): check the regulariser part alone
+    task_only = model(**make_inputs(model)).last_hidden_state.pow(2).mean()
+    act.alpha.grad = None
+    task_only.backward()
+    task_grad = act.alpha.grad.item()
+    act.alpha.grad = None
+    model(**make_inputs(model)).last_hidden_state.pow(2).mean().add(0.5 * hlc.regularization_loss(model)).backward()
+    assert act.alpha.grad.item() - task_grad == pytest.approx(0.5 * -2 * 0.75, abs=1e-5)
+
+
+def test_regularization_loss_after_evaluation_forward_keeps_its_gradient():
+    """A forward pass under no_grad (evaluation) must not leave a gradient-less term behind."""
+    model = tiny_model("bert")
+    hlc.get_collapse_model(model)
+    set_alphas(model, 0.5)
+    inputs = make_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+        assert hlc.regularization_loss(model).item() == pytest.approx(0.5)  # evaluation reads the recorded terms
+        model(**inputs)
+    loss = hlc.regularization_loss(model)
+    assert loss.requires_grad and loss.item() == pytest.approx(0.5)
+    loss.backward()
+    assert [a.alpha.grad.item() for a in hlc.injected_activations(model).values()] == pytest.approx([-1.0, -1.0])
+
+
+def test_regularization_loss_zero_at_one():
+    model = tiny_model("t5")
+    hlc.get_collapse_model(model)
+    set_alphas(model, 1.0)
+    assert hlc.regularization_loss(model).item() == 0.0
+
+
+def test_regularization_loss_needs_injection():
+    with pytest.raises(ValueError, match="no collapsible activations"):
+        hlc.regularization_loss(tiny_model("bert"))
