@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -217,6 +218,18 @@ class LayerCollapseTrainerMixin:
         if self.collapse_args.log_block_alphas:
             metrics.update({f"alpha/{name}": a for name, a in zip(acts, alphas)})
         return metrics
+
+    # ------------------------------------------------------------------------------------------------- save
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """``Trainer._save``, but the training arguments are written as JSON instead of a pickled
+        ``training_args.bin``: a saved model directory holds no pickle."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        pickled = os.path.join(output_dir, "training_args.bin")
+        if self.args.should_save and os.path.isfile(pickled):
+            os.remove(pickled)
+            with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+                handle.write(self.args.to_json_string())
 
     # ------------------------------------------------------------------------------------------------ train
     def train(self, *args, **kwargs):

@@ -175,6 +175,8 @@ def test_collapse_at_end_saves_a_model_that_reloads(tmp_path):
     trainer.train()
     assert len(trainer.collapse_report.collapsed) == 2
     assert not hlc.injected_activations(model)
+    assert not [f.name for f in out.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]  # no pickle
+    assert json.loads((out / "training_args.json").read_text())["max_steps"] == 4
     reloaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
     ids = torch.tensor([[3, 4, 5, 6]])
     model.eval()
