@@ -14,6 +14,7 @@ from .config import LayerCollapseConfig
 from .hub import push_to_hub, save_for_hub
 from .injection import get_collapse_model, injected_activations, regularization_loss
 from .modeling import MODEL_TYPE, LayerCollapseConfigError
+from .peft_integration import LayerCollapseLayer, LayerCollapseModel, get_lora_collapse_model, merge_lora_and_collapse
 from .planner import CollapsePlan, plan_collapse
 from .report import BlockReport, CollapseReport
 from .trainer import CollapseArguments, LayerCollapseTrainer, LayerCollapseTrainerMixin
@@ -28,6 +29,8 @@ __all__ = [
     "CollapsibleActivation",
     "LayerCollapseConfig",
     "LayerCollapseConfigError",
+    "LayerCollapseLayer",
+    "LayerCollapseModel",
     "LayerCollapseTrainer",
     "LayerCollapseTrainerMixin",
     "MLPBlock",
@@ -36,7 +39,9 @@ __all__ = [
     "collapse_model",
     "find_mlp_blocks",
     "get_collapse_model",
+    "get_lora_collapse_model",
     "injected_activations",
+    "merge_lora_and_collapse",
     "merge_projections",
     "plan_collapse",
     "push_to_hub",

@@ -128,6 +128,7 @@ def collapse_model(
                              "force unset.")
         from .planner import apply_collapse_plan
 
+        _check_no_unmerged_adapters(model, [(p.name, p.layout) for p in plan.selected])
         return apply_collapse_plan(model, plan)
     injected = injected_activations(model)
     if not injected:
@@ -149,11 +150,29 @@ def collapse_model(
                 f"Blocks {details} have α farther than threshold={threshold} from 1: merging them would drop "
                 "their non-linear part. Train longer (or raise reg_weight), or pass force=True."
             )
+    _check_no_unmerged_adapters(model, [(n, injected[n].layout) for n in names
+                                        if force or abs(1.0 - injected[n].alpha_value) <= threshold])
     report = CollapseReport(model_params_before=_num_params(model), threshold=threshold)
     for name in injected:
         report.blocks.append(_collapse_block(model, name, injected[name], name in names, threshold, force))
     report.model_params_after = _num_params(model)
     return report
+
+
+def _check_no_unmerged_adapters(model: nn.Module, blocks: list[tuple[str, Layout]]) -> None:
+    """Refuse to merge blocks whose modules are PEFT adapter layers (LoRA on fc1/fc2, a LayerCollapse adapter on the
+    activation): merging would drop the adapters silently. They have to be merged into the weights first."""
+    for name, layout in blocks:
+        owner = model.get_submodule(name) if name else model
+        wrapped = [part for part in (layout.fc1, layout.act, layout.fc2)
+                   if hasattr(owner.get_submodule(part), "base_layer")]
+        if wrapped:
+            raise ValueError(
+                f"Block {name!r}: {wrapped} are wrapped by PEFT adapter layers that are not merged (LoRA, or a "
+                "LayerCollapse adapter); collapsing now would drop the adapters. Merge first, collapse then: "
+                "`model = hf_layercollapse.merge_lora_and_collapse(peft_model)` (or `peft_model.merge_and_unload()`, "
+                "which collapses LayerCollapse adapters too; for a LoRA-only PeftModel, collapse_model after it)."
+            )
 
 
 def _resolve(blocks: list[str], names: list[str]) -> list[str]:

@@ -1,4 +1,8 @@
-"""`LayerCollapseConfig`: which MLP blocks to make collapsible, and how."""
+"""`LayerCollapseConfig`: which MLP blocks to make collapsible, and how.
+
+The config is a ``peft.PeftConfig``: besides :func:`hf_layercollapse.get_collapse_model` it works with PEFT's own
+entry points (``peft.get_peft_model``, ``PeftModel.from_pretrained``...), see :mod:`hf_layercollapse.peft_integration`.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,39 @@ import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from peft import LoraConfig, PeftConfig
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 
 CONFIG_NAME = "layercollapse_config.json"
 ACTIVATIONS = ("blend", "prelu")
 DEFAULT_INIT_ALPHA = {"blend": 0.0, "prelu": 0.01}
+#: The ``peft_type`` of LayerCollapse adapters (a key added to PEFT's registries on ``import hf_layercollapse``).
+PEFT_TYPE = "LAYERCOLLAPSE"
+# Fields of a LoraConfig that describe the adapter as a whole, not the LoRA layers: owned by the LayerCollapseConfig.
+_LORA_BOOKKEEPING = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                     "peft_version", "auto_mapping", "runtime_config", "modules_to_save")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with sets, tuples and enums turned into JSON types (sets sorted, so the result is stable)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
-class LayerCollapseConfig:
-    """Configuration of LayerCollapse, in the style of a PEFT config.
+class LayerCollapseConfig(PeftConfig):
+    """Configuration of LayerCollapse; a ``peft.PeftConfig`` (``peft_type="LAYERCOLLAPSE"``).
 
     Args:
         target_modules: Blocks to make collapsible. ``None`` selects every detected MLP block. A list of names
@@ -33,6 +59,15 @@ class LayerCollapseConfig:
         init_alpha: Initial α. ``None`` means 0.0 for ``"blend"`` and 0.01 for ``"prelu"``.
         reg_weight: λ, the weight of the regulariser ``λ·Σ(1−α)²`` added to the task loss during training.
         threshold: τ: a block is collapsed when ``|1 − α| ≤ τ``.
+        modules_to_save: With PEFT only: modules besides α (and LoRA) to train and save in full, e.g. a new
+            classification head (PEFT adds ``classifier``/``score`` itself for ``task_type="SEQ_CLS"``).
+        lora_config: With PEFT only: a ``peft.LoraConfig`` (or the dict of its fields) whose LoRA layers are part of
+            the LayerCollapse adapter, so that LoRA and α train, save, load and merge together (see
+            :func:`hf_layercollapse.get_lora_collapse_model`). Stored as a JSON-ready dict; its ``modules_to_save``
+            and ``task_type`` move to this config.
+
+    The fields inherited from ``PeftConfig`` (``task_type``, ``inference_mode``, ``base_model_name_or_path``...)
+    are only used by PEFT.
 
     Example:
         >>> from hf_layercollapse import LayerCollapseConfig
@@ -62,8 +97,18 @@ class LayerCollapseConfig:
     )
     reg_weight: float = field(default=1.0, metadata={"help": "λ, weight of the regulariser λ·Σ(1−α)²."})
     threshold: float = field(default=0.05, metadata={"help": "τ: collapse a block when |1 − α| ≤ τ."})
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "PEFT only: modules trained and saved in full besides α and LoRA (e.g. a new head)."},
+    )
+    lora_config: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "PEFT only: a LoraConfig (or its dict) whose LoRA layers train, save and merge with α."},
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is not supported: use one of {ACTIVATIONS}.")
         if self.init_alpha is None:
@@ -94,6 +139,45 @@ class LayerCollapseConfig:
             isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
         ):
             raise ValueError(f"layers_to_transform={layers!r} must be None, an int or a list of ints.")
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save) if isinstance(self.modules_to_save, set) else list(
+                self.modules_to_save)
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(v, str) and v for v in self.modules_to_save)
+        ):
+            raise ValueError(f"modules_to_save={self.modules_to_save!r} must be None or a list of module names.")
+        if self.lora_config is not None:
+            self._normalise_lora_config()
+
+    def _normalise_lora_config(self) -> None:
+        value = self.lora_config
+        if isinstance(value, LoraConfig):
+            data = value.to_dict()
+        elif isinstance(value, dict):
+            data = dict(value)
+        else:
+            raise ValueError(f"lora_config={value!r} must be None, a peft.LoraConfig or the dict of its fields.")
+        if data.get("peft_type", "LORA") != "LORA":
+            kind = _jsonable(data["peft_type"])
+            raise ValueError(f"lora_config has peft_type={kind!r}: only LoRA configs can be combined with LayerCollapse.")
+        if self.task_type is None and data.get("task_type") is not None:
+            self.task_type = _jsonable(data["task_type"])
+        extra = data.get("modules_to_save") or []
+        if extra:
+            self.modules_to_save = list(dict.fromkeys([*(self.modules_to_save or []), *extra]))
+        self.lora_config = {k: _jsonable(v) for k, v in data.items() if k not in _LORA_BOOKKEEPING}
+        try:
+            self.get_lora_config()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"lora_config is not a valid peft.LoraConfig: {err}") from err
+
+    def get_lora_config(self) -> LoraConfig | None:
+        """A fresh ``peft.LoraConfig`` built from ``lora_config`` (``None`` when there is none)."""
+        if self.lora_config is None:
+            return None
+        lora = LoraConfig.from_peft_type(peft_type="LORA", **self.lora_config)
+        lora.inference_mode = self.inference_mode
+        return lora
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-serialisable dict."""
@@ -108,8 +192,20 @@ class LayerCollapseConfig:
             raise ValueError(f"Unknown LayerCollapseConfig fields {unknown}; known fields are {sorted(known)}.")
         return cls(**data)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the config to ``save_directory/layercollapse_config.json`` atomically and return the path."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, adapter_format: bool | None = None, **kwargs: Any
+    ) -> Path:
+        """Write the config to ``save_directory/layercollapse_config.json`` atomically and return the path.
+
+        With ``adapter_format=True`` write PEFT's ``adapter_config.json`` instead (``PeftConfig.save_pretrained``).
+        That is the default when PEFT calls this method from ``PeftModel.save_pretrained``, which it does with the
+        ``auto_mapping_dict`` keyword.
+        """
+        if adapter_format is None:
+            adapter_format = "auto_mapping_dict" in kwargs
+        if adapter_format:
+            super().save_pretrained(str(save_directory), **kwargs)
+            return Path(save_directory) / ADAPTER_CONFIG_NAME
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
@@ -120,15 +216,40 @@ class LayerCollapseConfig:
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> LayerCollapseConfig:
-        """Load a config saved by :meth:`save_pretrained` (a directory or the JSON file itself)."""
-        path = Path(path)
+    def from_pretrained(
+        cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> LayerCollapseConfig:
+        """Load a config saved by :meth:`save_pretrained` (a directory or the JSON file itself).
+
+        A directory (or Hub repository) holding PEFT's ``adapter_config.json`` of a LayerCollapse adapter works too;
+        ``subfolder`` and ``kwargs`` (``revision``, ``token``...) are then PEFT's.
+        """
+        source = path
+        path = Path(path) / subfolder if subfolder else Path(path)
+        if path.is_dir() and not (path / CONFIG_NAME).is_file() and (path / ADAPTER_CONFIG_NAME).is_file():
+            return cls._from_adapter_config(str(source), subfolder, **kwargs)
         if path.is_dir():
             path = path / CONFIG_NAME
+        if not path.is_file() and not path.parent.exists():  # maybe a Hub repository id holding an adapter
+            try:
+                return cls._from_adapter_config(str(source), subfolder, **kwargs)
+            except (OSError, ValueError) as err:
+                raise FileNotFoundError(
+                    f"No LayerCollapse config at {path} (expected a {CONFIG_NAME} or {ADAPTER_CONFIG_NAME} file)."
+                ) from err
         if not path.is_file():
-            raise FileNotFoundError(f"No LayerCollapse config at {path} (expected a {CONFIG_NAME} file).")
+            raise FileNotFoundError(
+                f"No LayerCollapse config at {path} (expected a {CONFIG_NAME} or {ADAPTER_CONFIG_NAME} file)."
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         return cls.from_dict(data)
+
+    @classmethod
+    def _from_adapter_config(cls, source: str, subfolder: str | None, **kwargs: Any) -> LayerCollapseConfig:
+        config = PeftConfig.from_pretrained(source, subfolder=subfolder, **kwargs)
+        if not isinstance(config, cls):
+            raise ValueError(f"{source} holds a {config.peft_type} adapter, not a LayerCollapse one ({PEFT_TYPE}).")
+        return config

@@ -88,6 +88,12 @@ def get_collapse_model(
         1.0
     """
     config = config or LayerCollapseConfig()
+    if config.lora_config is not None:
+        raise ValueError(
+            "config.lora_config is set but get_collapse_model does not add LoRA layers: use "
+            "hf_layercollapse.get_lora_collapse_model(model, lora_config, collapse_config) (or "
+            "peft.get_peft_model(model, config)) for LoRA + LayerCollapse."
+        )
     blocks = find_mlp_blocks(model, example_inputs)
     if not blocks:
         raise ValueError(

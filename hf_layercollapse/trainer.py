@@ -15,12 +15,14 @@ import os
 from dataclasses import dataclass, field, replace
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .collapse import collapse_model
 from .injection import injected_activations, regularization_loss
+from .peft_integration import merge_lora_and_collapse, peft_trainer_settings
 from .plan import get_plan
 from .report import CollapseReport
 
@@ -99,7 +101,8 @@ class LayerCollapseTrainerMixin:
                 f"{type(self.model).__name__} has no collapsible activations: call "
                 "hf_layercollapse.get_collapse_model(model, LayerCollapseConfig(...)) before creating the trainer."
             )
-        plan_config = (get_plan(self.model) or {}).get("config", {})
+        # a PEFT-wrapped model (get_peft_model / get_lora_collapse_model) keeps its settings in its LayerCollapseConfig
+        plan_config = (get_plan(self.model) or {}).get("config") or peft_trainer_settings(self.model)
         if self.collapse_args.reg_weight is None:
             self.collapse_args.reg_weight = float(plan_config.get("reg_weight", 1.0))
         if self.collapse_args.threshold is None:
@@ -247,7 +250,11 @@ class LayerCollapseTrainerMixin:
             self.save_model(output_dir)
             return None
         model = self.accelerator.unwrap_model(self.model)
-        report = collapse_model(model, threshold=self.collapse_args.threshold)
+        if isinstance(model, PeftModel):  # merge the adapters (LoRA, α) first, collapse then; save the plain model
+            model, report = merge_lora_and_collapse(model, threshold=self.collapse_args.threshold, return_report=True)
+            self.model = self.model_wrapped = model
+        else:
+            report = collapse_model(model, threshold=self.collapse_args.threshold)
         self.collapse_report = report
         if not report.collapsed:
             logger.warning("collapse_at_end: no block has |1-α| <= %s; saving the uncollapsed model.\n%s",
