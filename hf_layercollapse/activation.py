@@ -14,7 +14,11 @@ class CollapsibleActivation(nn.Module):
     * ``mode="blend"``: ``α·x + (1−α)·act(x)``; α = 0 is exactly the wrapped activation.
     * ``mode="prelu"``: PReLU with slope α on the negative side (the paper's choice; replaces ``act``).
 
-    In both modes α = 1 is the identity, so the block around it becomes one affine map that
+    On a gated MLP block (``down(act(gate(x)) * up(x))``) the module wraps the gate's activation and blends it
+    towards a learnable constant ``c`` (``gate_constant``, one value per intermediate channel):
+    ``(1−α)·act(g) + α·c``; at α = 1 the block is ``down(c * up(x))``, one affine map.
+
+    In both modes α = 1 is the identity (plain blocks), so the block around it becomes one affine map that
     :func:`hf_layercollapse.collapse_model` merges. ``alpha`` has shape ``(1,)`` because FSDP rejects 0-dim
     parameters. The regulariser term ``(1−α)²`` is computed inside ``forward`` (see
     :func:`hf_layercollapse.regularization_loss`), which keeps it correct under DDP, FSDP and ZeRO-3, where
@@ -37,13 +41,19 @@ class CollapsibleActivation(nn.Module):
         True
     """
 
-    def __init__(self, activation: nn.Module, mode: str = "blend", init_alpha: float = 0.0) -> None:
+    def __init__(self, activation: nn.Module, mode: str = "blend", init_alpha: float = 0.0,
+                 gate_constant: torch.Tensor | None = None) -> None:
         super().__init__()
         if mode not in ACTIVATIONS:
             raise ValueError(f"mode={mode!r} is not supported: use one of {ACTIVATIONS}.")
+        if gate_constant is not None and mode != "blend":
+            raise ValueError(f"mode={mode!r}: the gate of a gated MLP block can only be blended towards its constant "
+                             "(mode='blend').")
         self.activation = activation
         self.mode = mode
         self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
+        # gated blocks: act(gate(x)) is blended towards a learnable constant c, one value per intermediate channel
+        self.gate_constant = None if gate_constant is None else nn.Parameter(gate_constant.detach().clone())
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None  # α seen by the latest forward (readable under FSDP)
 
@@ -54,6 +64,8 @@ class CollapsibleActivation(nn.Module):
         alpha = alpha.to(hidden_states.dtype)
         if self.mode == "prelu":
             return torch.where(hidden_states >= 0, hidden_states, alpha * hidden_states)
+        if self.gate_constant is not None:
+            return alpha * self.gate_constant.to(hidden_states.dtype) + (1.0 - alpha) * self.activation(hidden_states)
         return alpha * hidden_states + (1.0 - alpha) * self.activation(hidden_states)
 
     def __getstate__(self) -> dict:
@@ -81,4 +93,5 @@ class CollapsibleActivation(nn.Module):
         return float(self.alpha.detach().float().reshape(-1)[0])
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, alpha={self.alpha_value:.4f}"
+        gated = "" if self.gate_constant is None else f", gate_constant=[{self.gate_constant.numel()}]"
+        return f"mode={self.mode!r}, alpha={self.alpha_value:.4f}{gated}"

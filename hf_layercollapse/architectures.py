@@ -142,7 +142,30 @@ def _match_layout(owner: nn.Module, layout: Layout) -> bool:
     hidden = projection_shape(parts["fc1"])[1]
     if layout.gate == layout.fc1:  # fused gate_up_proj: two halves
         hidden //= 2
+    elif "gate" in parts and projection_shape(parts["gate"]) != projection_shape(parts["fc1"]):
+        raise ValueError(
+            f"Gated MLP block with gate {layout.gate!r} {projection_shape(parts['gate'])} and up projection "
+            f"{layout.fc1!r} {projection_shape(parts['fc1'])} (in, out): their shapes disagree, so this is not a "
+            "gated MLP LayerCollapse can handle."
+        )
     return projection_shape(parts["fc2"])[0] == hidden
+
+
+MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def check_not_moe(model: nn.Module) -> None:
+    """Raise for mixture-of-experts models: their expert MLPs are not supported yet."""
+    config = getattr(model, "config", None)
+    configs = [config] + [v for v in vars(config).values() if hasattr(v, "model_type")] if config is not None else []
+    for cfg in configs:
+        for key in MOE_CONFIG_KEYS:
+            if (getattr(cfg, key, None) or 0) > 1:
+                raise ValueError(
+                    f"{type(model).__name__} is a mixture-of-experts model ({key}={getattr(cfg, key)}): collapsing "
+                    "expert MLPs is not supported yet. Its dense (non-expert) MLP blocks, if any, can be selected "
+                    "with target_modules."
+                )
 
 
 def table_mlp_blocks(model: nn.Module) -> list[MLPBlock] | None:

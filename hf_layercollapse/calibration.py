@@ -125,3 +125,48 @@ def replaced_blocks(model: nn.Module, replacements: dict[MLPBlock, nn.Module]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def gate_means(model: nn.Module, blocks: list[MLPBlock], calibration_data=None,
+               example_inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per-channel mean of ``act(gate(x))`` of each gated block over the calibration data (padding excluded),
+    else over ``example_inputs`` or the tracer's dummy inputs. Keyed by block name."""
+    if not blocks:
+        return {}
+    if calibration_data is not None:
+        batches = calibration_batches(calibration_data, model)
+    else:
+        from .tracing import dummy_inputs
+
+        batches = [example_inputs if example_inputs is not None else dummy_inputs(model)]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current: dict = {}
+    handles = []
+    for block in blocks:
+        def record(module, args, output, name=block.name):
+            values = output.reshape(-1, output.shape[-1]).double()
+            mask = _mask_for(current, output)
+            if mask is not None:
+                values = values[mask.reshape(-1).bool()]
+            sums[name] = sums.get(name, 0) + values.sum(0)
+            counts[name] = counts.get(name, 0) + values.shape[0]
+
+        handles.append(model.get_submodule(block.path("act")).register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            current.clear()
+            current.update(batch)
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [b.name for b in blocks if not counts.get(b.name)]
+    if missing:
+        raise ValueError(f"The calibration data never reached the gated blocks {missing}.")
+    dtype = model.get_submodule(blocks[0].path("fc2")).weight.dtype
+    return {name: (sums[name] / counts[name]).to(dtype) for name in sums}

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .activation import CollapsibleActivation
-from .architectures import Layout, projection_shape
+from .architectures import BlockKind, Layout, projection_shape
 from .injection import injected_activations
 from .plan import get_plan, record_block, set_module
 from .report import BlockReport, CollapseReport
@@ -38,11 +38,41 @@ def merge_projections(fc1: nn.Module, fc2: nn.Module) -> nn.Module:
     """
     w1, b1 = _as_linear(fc1)
     w2, b2 = _as_linear(fc2)
-    weight = w2 @ w1
     bias = None
     if b1 is not None or b2 is not None:
         bias = (w2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
-    merged = empty_projection(fc2, w1.shape[1], w2.shape[0], bias is not None)
+    return _projection_from(fc2, w2 @ w1, bias)
+
+
+def merge_gated(up: nn.Module, down: nn.Module, constant: torch.Tensor, fused: bool = False) -> nn.Module:
+    """The single projection equal to ``down(c * up(x))``: ``W = W_down·diag(c)·W_up``,
+    ``b = W_down·(c*b_up) + b_down``.
+
+    ``fused``: ``up`` is a fused ``gate_up_proj`` whose second half is the up projection (Phi-3).
+
+    Example:
+        >>> import torch
+        >>> up, down, c = torch.nn.Linear(4, 16), torch.nn.Linear(16, 4), torch.randn(16)
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(merge_gated(up, down, c)(x), down(c * up(x)), atol=1e-6)
+        True
+    """
+    w_up, b_up = _as_linear(up)
+    if fused:
+        half = w_up.shape[0] // 2
+        w_up, b_up = w_up[half:], None if b_up is None else b_up[half:]
+    w_down, b_down = _as_linear(down)
+    c = constant.detach().to(w_up.dtype).reshape(-1)
+    if c.numel() != w_up.shape[0]:
+        raise ValueError(f"The gate constant has {c.numel()} values but the block has {w_up.shape[0]} channels.")
+    bias = None
+    if b_up is not None or b_down is not None:
+        bias = (w_down @ (c * b_up) if b_up is not None else 0) + (b_down if b_down is not None else 0)
+    return _projection_from(down, w_down @ (c[:, None] * w_up), bias)
+
+
+def _projection_from(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    merged = empty_projection(like, weight.shape[1], weight.shape[0], bias is not None)
     with torch.no_grad():
         merged.weight.copy_(weight.t() if isinstance(merged, Conv1D) else weight)
         if bias is not None:
@@ -59,25 +89,71 @@ def empty_projection(like: nn.Module, in_features: int, out_features: int, bias:
     return nn.Linear(in_features, out_features, bias=bias, **factory)
 
 
+class ConstantGate(nn.Module):
+    """Stands in for the activation of a collapsed gated block: the gate is constant, and its value lives in the
+    merged projection, so this returns ones (``ones * up(x)`` leaves ``x`` to the merged projection)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(hidden_states)
+
+
+class DuplicateInput(nn.Module):
+    """Stands in for the fused ``gate_up_proj`` of a collapsed gated block: ``[x, x]``, so that its two halves
+    (gate and up) are both ``x``."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.cat([hidden_states, hidden_states], dim=-1)
+
+
 def install_merged(owner: nn.Module, layout: Layout, merged: nn.Module) -> None:
     """Put ``merged`` in the output projection's place and make the input projection, the activation and the
-    dropouts between them identities (the call sites stay as they are, so any architecture keeps working)."""
+    dropouts between them identities (the call sites stay as they are, so any architecture keeps working).
+
+    Gated blocks: the up and gate projections become identities (a fused ``gate_up_proj`` duplicates its input)
+    and the activation returns ones, so the call site's ``act(gate(x)) * up(x)`` hands ``x`` to ``merged``."""
     set_module(owner, layout.fc2, merged)
-    for name in (layout.fc1, layout.act, *layout.dropouts):
-        set_module(owner, name, nn.Identity())
+    replacements: dict[str, nn.Module] = {name: nn.Identity() for name in (layout.fc1, layout.act, *layout.dropouts)}
+    if layout.kind is BlockKind.GATED:
+        replacements[layout.act] = ConstantGate()
+        if layout.gate == layout.fc1:
+            replacements[layout.fc1] = DuplicateInput()
+        else:
+            replacements[layout.gate] = nn.Identity()
+    for name, module in replacements.items():
+        set_module(owner, name, module)
         parent = name.rpartition(".")[0]
         # transformers re-initialises modules on loading; a parent whose own _init_weights reads the removed
         # projections (T5's wi/wo) must be skipped: the merged weights come from the checkpoint.
         (owner.get_submodule(parent) if parent else owner)._is_hf_initialized = True
 
 
-def block_costs(fc1: nn.Module, fc2: nn.Module, merged_bias: bool) -> tuple[int, int, int, int]:
-    """``(params_before, params_after, flops_before, flops_after)`` of a plain block (FLOPs per token)."""
-    d_in, hidden = projection_shape(fc1)
-    _, d_out = projection_shape(fc2)
-    params_before = sum(p.numel() for m in (fc1, fc2) for p in m.parameters(recurse=False))
+def block_costs(fc1: nn.Module, fc2: nn.Module, merged_bias: bool,
+                gate: nn.Module | None = None) -> tuple[int, int, int, int]:
+    """``(params_before, params_after, flops_before, flops_after)`` of a block (FLOPs per token); ``gate`` is the
+    gate projection of a gated block (``None`` for plain blocks and for a fused ``gate_up_proj`` in ``fc1``)."""
+    d_in, fc1_out = projection_shape(fc1)
+    down_in, d_out = projection_shape(fc2)
+    modules = [fc1, fc2] + ([gate] if gate is not None and gate is not fc1 else [])
+    params_before = sum(p.numel() for m in modules for p in m.parameters(recurse=False))
+    flops_before = 2 * (d_in * fc1_out + down_in * d_out)
+    if gate is not None and gate is not fc1:
+        flops_before += 2 * projection_shape(gate)[0] * projection_shape(gate)[1]
     params_after = d_in * d_out + (d_out if merged_bias else 0)
-    return params_before, params_after, 2 * (d_in * hidden + hidden * d_out), 2 * d_in * d_out
+    return params_before, params_after, flops_before, 2 * d_in * d_out
+
+
+def merge_block(owner: nn.Module, layout: Layout, gate_constant: torch.Tensor | None = None) -> nn.Module:
+    """The merged projection of a block whose activation is linear (plain) or whose gate is ``gate_constant``."""
+    fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
+    if layout.kind is BlockKind.GATED:
+        if gate_constant is None:
+            raise ValueError("A gated block needs its gate constant to be merged.")
+        return merge_gated(fc1, fc2, gate_constant, fused=layout.gate == layout.fc1)
+    return merge_projections(fc1, fc2)
+
+
+def block_gate(owner: nn.Module, layout: Layout) -> nn.Module | None:
+    return owner.get_submodule(layout.gate) if layout.gate is not None else None
 
 
 def _num_params(model: nn.Module) -> int:
@@ -193,7 +269,7 @@ def _collapse_block(
     owner = model.get_submodule(name) if name else model
     fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
     has_bias = fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D)
-    params_before, params_after, flops_before, flops_after = block_costs(fc1, fc2, has_bias)
+    params_before, params_after, flops_before, flops_after = block_costs(fc1, fc2, has_bias, block_gate(owner, layout))
     alpha = act.alpha_value
     row = BlockReport(name, layout.kind.value, alpha, "kept", "", params_before, params_before, flops_before,
                       flops_before)
@@ -204,7 +280,7 @@ def _collapse_block(
     elif params_after >= params_before:
         row.status, row.reason = "skipped", "merging would not save parameters"
     else:
-        merged = merge_projections(fc1, fc2)
+        merged = merge_block(owner, layout, act.gate_constant)
         install_merged(owner, layout, merged)
         d_in, d_out = projection_shape(merged)
         record_block(model, name, layout, "collapsed", alpha=alpha, in_features=d_in, out_features=d_out,

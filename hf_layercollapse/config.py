@@ -159,7 +159,7 @@ class LayerCollapseConfig(PeftConfig):
             raise ValueError(f"lora_config={value!r} must be None, a peft.LoraConfig or the dict of its fields.")
         if data.get("peft_type", "LORA") != "LORA":
             kind = _jsonable(data["peft_type"])
-            raise ValueError(f"lora_config has peft_type={kind!r}: only LoRA configs can be combined with LayerCollapse.")
+            raise ValueError(f"lora_config has peft_type={kind!r}: only LoRA can be combined with LayerCollapse.")
         if self.task_type is None and data.get("task_type") is not None:
             self.task_type = _jsonable(data["task_type"])
         extra = data.get("modules_to_save") or []

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .activation import CollapsibleActivation
-from .architectures import BlockKind, MLPBlock, find_mlp_blocks, select_blocks
+from .architectures import BlockKind, MLPBlock, check_not_moe, find_mlp_blocks, select_blocks
+from .calibration import gate_means
 from .config import LayerCollapseConfig
 from .plan import record_block, set_module
 
@@ -22,14 +23,14 @@ def injected_activations(model: nn.Module) -> dict[str, CollapsibleActivation]:
     return found
 
 
-def _check_supported(blocks: list[MLPBlock], model: nn.Module) -> None:
+def _check_supported(blocks: list[MLPBlock], model: nn.Module, config: LayerCollapseConfig) -> None:
+    check_not_moe(model)
     gated = [b.name for b in blocks if b.kind is BlockKind.GATED]
-    if gated:
+    if gated and config.activation != "blend":
         raise ValueError(
-            f"{type(model).__name__} has gated MLP blocks ({gated[0]}{', ...' if len(gated) > 1 else ''}): "
-            "down(act(gate(x)) * up(x)) stays bilinear when act is linear, so it cannot be merged into one "
-            "matrix by making the activation linear. Gated blocks need the constant-gate method, which is not "
-            "supported yet; pass target_modules/layers_to_transform that select plain MLP blocks only."
+            f"activation={config.activation!r} cannot be used on gated MLP blocks ({gated[0]}, ...): a gated block "
+            "collapses by blending its gate towards a constant (activation='blend'). Use 'blend', or select plain "
+            "blocks only."
         )
     injected = [b.name for b in blocks if isinstance(model.get_submodule(b.path("act")), CollapsibleActivation)]
     if injected:
@@ -61,6 +62,7 @@ def get_collapse_model(
     model: nn.Module,
     config: LayerCollapseConfig | None = None,
     example_inputs: dict[str, torch.Tensor] | None = None,
+    calibration_data=None,
 ) -> nn.Module:
     """Make the selected MLP blocks of ``model`` collapsible, in place, and return the same model.
 
@@ -72,6 +74,10 @@ def get_collapse_model(
         config: Which blocks and how; default ``LayerCollapseConfig()`` (every plain MLP block, blend).
         example_inputs: One batch for the data-flow tracer, needed only for architectures that are not in
             :data:`~hf_layercollapse.architectures.MLP_LAYOUTS` and whose inputs cannot be guessed.
+        calibration_data: Gated blocks only (Llama, Mistral, Qwen, Gemma, Phi-3, gated T5): batches (or a
+            dataset) on which the gate constant ``c`` starts as the per-channel mean of ``act(gate(x))``.
+            Without it, ``c`` starts from that mean over ``example_inputs`` or a small dummy batch, a rough
+            estimate; training then learns ``c`` with α.
 
     Example:
         >>> import torch
@@ -107,12 +113,15 @@ def get_collapse_model(
             "The config selects no MLP block (exclude_modules removed every block that the other selectors "
             f"kept); the model has {len(blocks)} blocks: {[b.name for b in blocks]}."
         )
-    _check_supported(selected, model)
+    _check_supported(selected, model, config)
     _check_not_shared(model, selected)
+    constants = gate_means(model, [b for b in selected if b.kind is BlockKind.GATED], calibration_data,
+                           example_inputs)
     for block in selected:
         act_name = block.path("act")
         weight = model.get_submodule(block.path("fc1")).weight
-        wrapped = CollapsibleActivation(model.get_submodule(act_name), config.activation, config.init_alpha)
+        wrapped = CollapsibleActivation(model.get_submodule(act_name), config.activation, config.init_alpha,
+                                        gate_constant=constants.get(block.name))
         wrapped.layout = block.layout
         wrapped.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         set_module(model, act_name, wrapped)

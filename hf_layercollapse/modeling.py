@@ -20,6 +20,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
@@ -28,7 +29,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .activation import CollapsibleActivation
-from .architectures import Layout, projection_shape
+from .architectures import BlockKind, Layout, projection_shape
 from .plan import PLAN_FORMAT, PLAN_KEY, set_module
 
 MODEL_TYPE = "hf_layercollapse"
@@ -119,7 +120,11 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
                 f"{type(model).__name__} has no such module: {err}. The checkpoint does not match this architecture."
             ) from None
         if entry["state"] == "injected":
-            wrapped = CollapsibleActivation(act, entry.get("mode", "blend"), 0.0)
+            constant = None
+            if layout.kind is BlockKind.GATED:  # filled from the checkpoint, like α
+                channels = projection_shape(fc1)[1] // (2 if layout.gate == layout.fc1 else 1)
+                constant = torch.zeros(channels, dtype=fc1.weight.dtype, device=fc1.weight.device)
+            wrapped = CollapsibleActivation(act, entry.get("mode", "blend"), 0.0, gate_constant=constant)
             wrapped.layout = layout
             set_module(owner, layout.act, wrapped)
             continue

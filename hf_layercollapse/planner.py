@@ -1,11 +1,13 @@
 """`plan_collapse`: compression without fine-tuning, chosen and merged on calibration data.
 
-For every plain MLP block the planner fits, on part of the calibration data, the best affine map from the
-block's input to its output (least squares, fp64, small ridge) and measures on the rest how much the model's
-objective grows when that block alone is replaced by it or by the exact linearisation ``W2·W1`` (the
-activation made the identity). Each block keeps the better of the two (never a merge worse than the simplest
-candidate). Blocks are then picked cheapest first until the budget is met, and the combined cost of the
-chosen set is measured. :func:`~hf_layercollapse.collapse_model` applies the plan.
+For every MLP block the planner fits, on part of the calibration data, the best affine map from the block's
+input to its output (least squares, fp64, small ridge) and measures on the rest how much the model's
+objective grows when that block alone is replaced by it or by the simple merge: the exact linearisation
+``W2·W1`` of a plain block (the activation made the identity), or, for a gated block, the gate fixed at its
+per-channel calibration mean ``c`` (``W_down·diag(c)·W_up``). Each block keeps the better of the two (never a
+merge worse than the simplest candidate): on real gated models the least-squares map was measured to be
+catastrophic on some blocks, where the constant gate was not. Blocks are then picked cheapest first until the
+budget is met, and the combined cost of the chosen set is measured. :func:`~hf_layercollapse.collapse_model` applies the plan.
 
 The objective is the task loss when the batches carry ``labels``, the language-modelling loss for causal LMs,
 and otherwise the divergence from the original outputs (KL for logits, relative squared error for hidden
@@ -25,10 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.pytorch_utils import Conv1D
 
-from .architectures import BlockKind, Layout, MLPBlock, find_mlp_blocks, projection_shape
-from .calibration import calibration_batches, collect_statistics, replaced_blocks
-from .collapse import block_costs, empty_projection, install_merged, merge_projections
+from .architectures import BlockKind, Layout, MLPBlock, check_not_moe, find_mlp_blocks, projection_shape
+from .calibration import calibration_batches, collect_statistics, gate_means, replaced_blocks
+from .collapse import block_costs, block_gate, empty_projection, install_merged, merge_block, merge_projections
 from .plan import record_block
 from .report import BlockReport, CollapseReport
 
@@ -41,9 +44,9 @@ class PlannedBlock:
 
     name: str
     layout: Layout
-    method: str  # "least_squares" or "exact"
+    method: str  # "least_squares", "exact" (plain: W2·W1) or "constant_gate" (gated: gate at its calibration mean)
     cost: float
-    cost_exact: float
+    cost_exact: float  # the simple merge: W2·W1 (plain) or the gate at its calibration mean (gated)
     cost_least_squares: float
     params_saved: int
     weight: torch.Tensor | None = field(default=None, repr=False)  # least-squares map [out, in]
@@ -223,19 +226,21 @@ def plan_collapse(
     batches = calibration_batches(calibration_data, model, batch_size)
     split = max(1, min(len(batches) - 1, round(len(batches) * (1 - holdout)))) if len(batches) > 1 else 1
     fit_batches, eval_batches = batches[:split], (batches[split:] or batches)
-    blocks = [b for b in find_mlp_blocks(model) if b.kind is BlockKind.PLAIN]
+    check_not_moe(model)
+    blocks = find_mlp_blocks(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no plain MLP block that can be collapsed.")
+        raise ValueError(f"{type(model).__name__} has no MLP block that can be collapsed.")
     was_training = model.training
     model.eval()
     try:
         steps = len(fit_batches) + len(eval_batches) * (1 + 2 * len(blocks))
         with tqdm(total=steps, desc="plan_collapse", disable=not show_progress) as progress:
             stats = collect_statistics(model, blocks, fit_batches, progress)
+            constants = gate_means(model, [b for b in blocks if b.kind is BlockKind.GATED], fit_batches)
             objective = _Objective(model, eval_batches)
             baseline = objective(progress)
-            candidates = [_measure(model, block, stats[block.name], objective, baseline, ridge, progress)
-                          for block in blocks]
+            candidates = [_measure(model, block, stats[block.name], constants.get(block.name), objective, baseline,
+                                   ridge, progress) for block in blocks]
         candidates = [c for c in candidates if c.params_saved > 0]
         ranked = sorted(candidates, key=lambda c: c.cost)
         params_total = sum(p.numel() for p in model.parameters())
@@ -246,24 +251,34 @@ def plan_collapse(
     return CollapsePlan(selected, candidates, objective.kind, baseline, measured, params_total)
 
 
-def _measure(model, block: MLPBlock, stats, objective: _Objective, baseline: float, ridge: float,
+def _measure(model, block: MLPBlock, stats, gate_constant, objective: _Objective, baseline: float, ridge: float,
              progress) -> PlannedBlock:
-    fc1, fc2 = model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2"))
-    exact = merge_projections(fc1, fc2)
+    """Cost of the block's two candidate merges: the simple one (plain: ``W2·W1``, the activation made the
+    identity; gated: the gate fixed at its calibration mean) and the least-squares map; keeps the cheaper."""
+    owner = model.get_submodule(block.name) if block.name else model
+    fc1, fc2 = owner.get_submodule(block.layout.fc1), owner.get_submodule(block.layout.fc2)
+    simple = merge_block(owner, block.layout, gate_constant)
     weight, bias = stats.solve(ridge)
     fitted = _linear(weight.to(fc2.weight.device, torch.float32), bias.to(fc2.weight.device, torch.float32), fc2)
-    with replaced_blocks(model, {block: exact}):
-        cost_exact = objective(progress) - baseline
+    with replaced_blocks(model, {block: simple}):
+        cost_simple = objective(progress) - baseline
     with replaced_blocks(model, {block: fitted}):
         cost_fitted = objective(progress) - baseline
     if not math.isfinite(cost_fitted):
         cost_fitted = math.inf
-    before, after, _, _ = block_costs(fc1, fc2, True)
-    use_fit = cost_fitted < cost_exact
-    return PlannedBlock(block.name, block.layout, "least_squares" if use_fit else "exact",
-                        cost_fitted if use_fit else cost_exact, cost_exact, cost_fitted, before - after,
-                        fitted.weight.detach().float().cpu() if use_fit else None,
-                        fitted.bias.detach().float().cpu() if use_fit else None)
+    before, after, _, _ = block_costs(fc1, fc2, True, block_gate(owner, block.layout))
+    if cost_fitted < cost_simple:
+        method, chosen, cost = "least_squares", fitted, cost_fitted
+    else:
+        method, chosen, cost = ("constant_gate", simple, cost_simple) if gate_constant is not None else (
+            "exact", None, cost_simple)
+    weight = bias = None
+    if chosen is not None:
+        weight = chosen.weight.detach().float().cpu()
+        weight = weight.T.contiguous() if isinstance(chosen, Conv1D) else weight
+        bias = chosen.bias.detach().float().cpu() if chosen.bias is not None else torch.zeros(weight.shape[0])
+    return PlannedBlock(block.name, block.layout, method, cost, cost_simple, cost_fitted, before - after, weight,
+                        bias)
 
 
 def _replacement(model, planned: PlannedBlock) -> nn.Module:
@@ -271,6 +286,8 @@ def _replacement(model, planned: PlannedBlock) -> nn.Module:
     fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)
     if planned.method == "exact":
         return merge_projections(fc1, fc2)
+    if planned.weight is None:
+        raise ValueError(f"The plan has no fitted map for block {planned.name!r} ({planned.method}).")
     d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
     if tuple(planned.weight.shape) != (d_out, d_in):
         raise ValueError(f"The plan's map for {planned.name!r} is {tuple(planned.weight.shape)} but the block maps "
@@ -326,7 +343,8 @@ def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
     for planned, merged in replacements:
         owner = model.get_submodule(planned.name) if planned.name else model
         fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)
-        before, after, flops_before, flops_after = block_costs(fc1, fc2, merged.bias is not None)
+        before, after, flops_before, flops_after = block_costs(fc1, fc2, merged.bias is not None,
+                                                               block_gate(owner, planned.layout))
         act = owner.get_submodule(planned.layout.act)
         alpha = getattr(act, "alpha_value", None)
         install_merged(owner, planned.layout, merged)

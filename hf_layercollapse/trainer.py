@@ -102,7 +102,7 @@ class LayerCollapseTrainerMixin:
                 "hf_layercollapse.get_collapse_model(model, LayerCollapseConfig(...)) before creating the trainer."
             )
         # a PEFT-wrapped model (get_peft_model / get_lora_collapse_model) keeps its settings in its LayerCollapseConfig
-        plan_config = (get_plan(self.model) or {}).get("config") or peft_trainer_settings(self.model)
+        plan_config = peft_trainer_settings(self.model) or (get_plan(self.model) or {}).get("config", {})
         if self.collapse_args.reg_weight is None:
             self.collapse_args.reg_weight = float(plan_config.get("reg_weight", 1.0))
         if self.collapse_args.threshold is None:
