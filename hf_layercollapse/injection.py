@@ -24,7 +24,6 @@ def injected_activations(model: nn.Module) -> dict[str, CollapsibleActivation]:
 
 
 def _check_supported(blocks: list[MLPBlock], model: nn.Module, config: LayerCollapseConfig) -> None:
-    check_not_moe(model)
     gated = [b.name for b in blocks if b.kind is BlockKind.GATED]
     if gated and config.activation != "blend":
         raise ValueError(
@@ -94,6 +93,7 @@ def get_collapse_model(
         1.0
     """
     config = config or LayerCollapseConfig()
+    check_not_moe(model)
     if config.lora_config is not None:
         raise ValueError(
             "config.lora_config is set but get_collapse_model does not add LoRA layers: use "

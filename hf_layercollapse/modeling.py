@@ -193,6 +193,17 @@ class _CollapsedModelMixin:
                 f"Cannot load the weights of {source}: {_unreadable_weight_files(source, kwargs.get('subfolder'))} "
                 f"is not a valid safetensors file ({err}). It is truncated or corrupt: download or save it again."
             ) from err
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err) or kwargs.get("ignore_mismatched_sizes"):
+                raise
+            # transformers only logs which weights have the wrong shape: load again to name them
+            _, info = super().from_pretrained(*args, output_loading_info=True, **{**kwargs,
+                                                                                  "ignore_mismatched_sizes": True})
+            mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
+            raise LayerCollapseConfigError(
+                f"The checkpoint's weights {mismatched[:6]} do not have the shapes that its architecture and "
+                "collapse plan expect: it is corrupt or belongs to another model; nothing was loaded."
+            ) from err
         wrong = [k for k in list(info.get("missing_keys", [])) + [m[0] if isinstance(m, tuple) else m
                  for m in info.get("mismatched_keys", [])]
                  if any(k.startswith(n + ".") or k == n for n in _plan_module_names(model))]

@@ -54,6 +54,7 @@ spec.loader.exec_module(assets)
 
 print("[install_assets] MiniLM:", assets.minilm_path())
 print("[install_assets] SmolLM2 GGUF:", assets.smollm2_gguf_path())
+print("[install_assets] SmolLM2 checkpoint (converted from the GGUF):", assets.smollm2_path())
 print("[install_assets] tweets CSV:", assets.tweets_csv_path())
 print("[install_assets] Shakespeare:", assets.shakespeare_dir())
 if shutil.which("npm"):

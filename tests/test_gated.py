@@ -1,0 +1,233 @@
+"""Gated MLP blocks (Llama, Mistral, Qwen2, Gemma, Phi-3, gated T5): constant-gate injection, exact collapse,
+checkpoints, training, the planner, bad input, and the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+import hf_layercollapse as hlc
+from hf_layercollapse.tracing import dummy_inputs
+from tiny_models import HEADS, TEXT, tiny_model
+
+EXTRA = {"qwen2": {}, "gemma": {"head_dim": 8}, "phi3": {"pad_token_id": 0}}
+ARCHS = ["llama", "mistral", "t5-gated", "qwen2", "gemma", "phi3"]
+
+
+def gated_model(name: str, causal_lm: bool = False) -> nn.Module:
+    if name in ("llama", "mistral", "t5-gated") and not causal_lm:
+        return tiny_model(name)
+    torch.manual_seed(0)
+    if name == "llama":
+        config = AutoConfig.for_model("llama", **TEXT, num_key_value_heads=HEADS)
+    else:
+        config = AutoConfig.for_model(name, **TEXT, num_key_value_heads=HEADS, **EXTRA[name])
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    return auto.from_config(config).eval()
+
+
+def output(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def gated_params_saved(model) -> int:
+    """Σ over blocks of (gate + up + down parameters) − (d·d + merged bias), from the modules themselves."""
+    saved = 0
+    for block in hlc.find_mlp_blocks(model):
+        owner = model.get_submodule(block.name)
+        parts = {owner.get_submodule(p) for p in (block.layout.fc1, block.layout.gate, block.layout.fc2)}
+        before = sum(p.numel() for m in parts for p in m.parameters(recurse=False))
+        down = owner.get_submodule(block.layout.fc2)
+        has_bias = any(m.bias is not None for m in parts)
+        saved += before - (down.out_features * down.out_features + (down.out_features if has_bias else 0))
+    return saved
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_inject_collapse_reload_exact(name, tmp_path):
+    model = gated_model(name)
+    inputs = dummy_inputs(model)
+    reference = output(model, inputs)
+    expected_saving = gated_params_saved(model)
+    params_original = sum(p.numel() for p in model.parameters())
+    hlc.get_collapse_model(model)
+    torch.testing.assert_close(output(model, inputs), reference, atol=1e-6, rtol=0)  # α = 0: the original model
+    generator = torch.Generator().manual_seed(3)
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+        act.gate_constant.data.copy_(torch.randn(act.gate_constant.shape, generator=generator))
+    linear = output(model, inputs)
+    report = hlc.collapse_model(model)
+    assert {b.kind for b in report.blocks} == {"gated"} and len(report.collapsed) == len(report.blocks)
+    collapsed = output(model, inputs)
+    assert (collapsed - linear).abs().max() <= 1e-5 * linear.abs().max()
+    assert params_original - sum(p.numel() for p in model.parameters()) == expected_saving
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(output(reloaded, inputs), collapsed, atol=1e-6, rtol=0)
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_gated_casts_back_within_dtype_tolerance(dtype):
+    torch.manual_seed(0)
+    up, down, c = nn.Linear(16, 48, bias=True), nn.Linear(48, 16, bias=True), torch.randn(48)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    reference = down.double()(c.double() * up.double()(x))
+    merged = hlc.collapse.merge_gated(up.to(dtype), down.to(dtype), c)
+    assert merged.weight.dtype == dtype
+    tolerance = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(merged.double()(x), reference, atol=tolerance, rtol=tolerance)
+
+
+def test_partial_collapse_saves_injected_gate_constants_and_generates(tmp_path):
+    model = gated_model("llama", causal_lm=True)
+    hlc.get_collapse_model(model)
+    acts = hlc.injected_activations(model)
+    first, last = list(acts)
+    acts[last].alpha.data.fill_(1.0)
+    acts[first].alpha.data.fill_(0.4)
+    acts[first].gate_constant.data.uniform_(-1, 1)
+    hlc.collapse_model(model)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    again = hlc.injected_activations(reloaded)
+    assert list(again) == [first]
+    torch.testing.assert_close(again[first].gate_constant, acts[first].gate_constant, atol=0, rtol=0)
+    assert again[first].alpha_value == pytest.approx(0.4)
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), expected)
+
+
+def test_gate_constant_starts_at_the_calibration_mean():
+    model = gated_model("llama")
+    batches = [{"input_ids": torch.randint(1, 99, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}]
+    batches[0]["attention_mask"][0, 4:] = 0  # padding is left out of the mean
+    block = hlc.find_mlp_blocks(model)[0]
+    captured = []
+    handle = model.get_submodule(block.path("act")).register_forward_hook(lambda m, a, out: captured.append(out))
+    with torch.no_grad():
+        model(**batches[0])
+    handle.remove()
+    keep = batches[0]["attention_mask"].reshape(-1).bool()
+    expected = captured[0].reshape(-1, captured[0].shape[-1])[keep].double().mean(0).float()
+    hlc.get_collapse_model(model, calibration_data=batches)
+    act = hlc.injected_activations(model)[block.name]
+    torch.testing.assert_close(act.gate_constant.data, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_trainer_learns_alpha_and_the_gate_constant(tmp_path):
+    model = gated_model("llama", causal_lm=True)
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(reg_weight=1.0))
+    constants = {n: a.gate_constant.detach().clone() for n, a in hlc.injected_activations(model).items()}
+    data = [{"input_ids": torch.randint(1, 99, (8,)), "labels": torch.randint(1, 99, (8,))} for _ in range(8)]
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", disable_tqdm=True, use_cpu=True, learning_rate=1e-2)
+    hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=data,
+                             collapse_args=hlc.CollapseArguments(alpha_learning_rate=0.1)).train()
+    for name, act in hlc.injected_activations(model).items():
+        assert act.alpha_value > 0.1
+        assert not torch.equal(act.gate_constant.detach(), constants[name])
+
+
+def test_planner_on_gated_blocks_keeps_the_better_candidate():
+    model = gated_model("llama", causal_lm=True)
+    batches = [{"input_ids": torch.randint(1, 99, (4, 10), generator=torch.Generator().manual_seed(i))}
+               for i in range(4)]
+    plan = hlc.plan_collapse(model, batches, num_blocks=1, show_progress=False)
+    assert plan.objective == "language-modelling loss"
+    for candidate in plan.candidates:
+        assert candidate.method in ("constant_gate", "least_squares")
+        assert candidate.cost == min(candidate.cost_exact, candidate.cost_least_squares)
+    ids = batches[0]["input_ids"]
+    report = hlc.collapse_model(model, plan=plan)
+    assert len(report.collapsed) == 1 and report.blocks[0].kind == "gated"
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_plain_mlp_with_llama_names_stays_plain():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up_proj, self.act_fn, self.down_proj = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+
+    model = nn.Sequential(Block(), Block())
+    blocks = hlc.find_mlp_blocks(model, example_inputs={"input": torch.randn(2, 8)})
+    assert [b.kind for b in blocks] == [hlc.BlockKind.PLAIN] * 2
+    assert blocks[0].layout.fc1 == "up_proj" and blocks[0].layout.gate is None
+
+
+def test_mixture_of_experts_is_refused():
+    config = AutoConfig.for_model("mixtral", **TEXT, num_key_value_heads=HEADS, num_local_experts=4,
+                                  num_experts_per_tok=2)
+    model = AutoModel.from_config(config)
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        hlc.get_collapse_model(model)
+
+
+def test_gate_and_up_shapes_that_disagree_are_refused():
+    model = gated_model("llama")
+    mlp = model.layers[0].mlp
+    mlp.gate_proj = nn.Linear(32, 48, bias=False)
+    with pytest.raises(ValueError, match="gate_proj"):
+        hlc.find_mlp_blocks(model)
+
+
+def test_gate_constant_of_the_wrong_size_in_a_checkpoint_is_an_error(tmp_path):
+    model = gated_model("llama")
+    hlc.get_collapse_model(model)
+    model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("gate_constant"))
+    weights[key] = torch.zeros(weights[key].numel() + 3)
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception, match="gate_constant"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+def test_real_smollm2_two_blocks(tmp_path):
+    """SmolLM2-135M-Instruct (30 gated blocks): inject the last two with Shakespeare calibration, collapse at α = 1,
+    reload with AutoModelForCausalLM, same logits and generation."""
+    from hf_layercollapse import assets
+
+    path = assets.smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert len(hlc.find_mlp_blocks(model)) == 30
+    text = assets.load_shakespeare()["validation"]["text"][0][:4000]
+    encoded = tokenizer([text[i:i + 400] for i in range(0, 2000, 400)], return_tensors="pt", padding=True,
+                        truncation=True, max_length=64)
+    batches = [dict(encoded)]
+    ids = tokenizer("To be, or not to be", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model(ids).logits
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=[-2, -1]), calibration_data=batches)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=0)
+        for act in hlc.injected_activations(model).values():
+            act.alpha.fill_(1.0)
+        linear = model(ids).logits
+    report = hlc.collapse_model(model)
+    assert len(report.collapsed) == 2 and report.params_saved > 2 * (3 * 576 * 1536 - 576 * 576)
+    with torch.no_grad():
+        collapsed = model(ids).logits
+    assert (collapsed - linear).abs().max() <= 1e-5 * linear.abs().max()
+    model.save_pretrained(tmp_path)
+    plan = json.loads((tmp_path / "config.json").read_text())["layercollapse"]
+    assert [e["state"] for e in plan["blocks"].values()] == ["collapsed", "collapsed"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, collapsed, atol=1e-5, rtol=0)
+    generated = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(generated, model.generate(ids, max_new_tokens=4, do_sample=False))
