@@ -7,7 +7,8 @@ objective grows when that block alone is replaced by it or by the simple merge: 
 per-channel calibration mean ``c`` (``W_down·diag(c)·W_up``). Each block keeps the better of the two (never a
 merge worse than the simplest candidate): on real gated models the least-squares map was measured to be
 catastrophic on some blocks, where the constant gate was not. Blocks are then picked cheapest first until the
-budget is met, and the combined cost of the chosen set is measured. :func:`~hf_layercollapse.collapse_model` applies the plan.
+budget is met, and the combined cost of the chosen set is measured. :func:`~hf_layercollapse.collapse_model`
+applies the plan.
 
 The objective is the task loss when the batches carry ``labels``, the language-modelling loss for causal LMs,
 and otherwise the divergence from the original outputs (KL for logits, relative squared error for hidden

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import HEADS, TEXT, tiny_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import hf_layercollapse as hlc
 from hf_layercollapse.tracing import dummy_inputs
-from tiny_models import HEADS, TEXT, tiny_model
 
 EXTRA = {"qwen2": {}, "gemma": {"head_dim": 8}, "phi3": {"pad_token_id": 0}}
 ARCHS = ["llama", "mistral", "t5-gated", "qwen2", "gemma", "phi3"]
