@@ -225,31 +225,6 @@ def configure_collapse(parser: argparse.ArgumentParser) -> None:
                         help="apply a plan written by 'plan' instead (no fine-tuning or α needed)")
 
 
-def _run_collapse_with_plan(args: argparse.Namespace, source: Path, target: Path) -> int:
-    from .card import REPORT_FILE
-    from .collapse import collapse_model
-    from .planner import CollapsePlan
-
-    if args.blocks or args.threshold is not None or args.force:
-        raise CLIError("--plan takes its blocks from the plan: leave out --blocks, --threshold and --force")
-    plan = CollapsePlan.load(args.plan)
-    config = _load_config(source, require_plan=False)
-    with tqdm(total=3, desc="collapse", unit="step", file=sys.stderr) as progress:
-        model = _load_model(source, config, progress)
-        processor = _load_processor(source)
-        progress.update()
-        report = collapse_model(model, plan=plan)
-        progress.update()
-        model.save_pretrained(target)
-        if processor is not None:
-            processor.save_pretrained(target)
-        (target / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n",
-                                          encoding="utf-8")
-        progress.update()
-    print(report)
-    return 0
-
-
 def run_collapse(args: argparse.Namespace) -> int:
     from .card import REPORT_FILE
     from .collapse import collapse_model
@@ -259,18 +234,25 @@ def run_collapse(args: argparse.Namespace) -> int:
     if target.resolve() == source.resolve():
         raise CLIError("OUT_DIR must differ from IN_DIR (the input's weights are still being read)")
     if args.plan:
-        return _run_collapse_with_plan(args, source, target)
-    if args.force and not args.blocks:
-        raise CLIError("--force needs --blocks: name the blocks to merge regardless of α")
-    config = _load_config(source)
-    if not any(e["state"] == "injected" for e in config.layercollapse["blocks"].values()):
-        raise CLIError(f"{args.input}: every block of this checkpoint is already collapsed; nothing to do")
+        from .planner import CollapsePlan
+
+        if args.blocks or args.threshold is not None or args.force:
+            raise CLIError("--plan takes its blocks from the plan: leave out --blocks, --threshold and --force")
+        options: dict[str, Any] = {"plan": CollapsePlan.load(args.plan)}
+        config = _load_config(source, require_plan=False)
+    else:
+        if args.force and not args.blocks:
+            raise CLIError("--force needs --blocks: name the blocks to merge regardless of α")
+        options = {"blocks": args.blocks, "threshold": args.threshold, "force": args.force}
+        config = _load_config(source)
+        if not any(e["state"] == "injected" for e in config.layercollapse["blocks"].values()):
+            raise CLIError(f"{args.input}: every block of this checkpoint is already collapsed; nothing to do")
     with tqdm(total=3, desc="collapse", unit="step", file=sys.stderr) as progress:
         model = _load_model(source, config, progress)
         processor = _load_processor(source)
         progress.update()
         progress.set_postfix_str("merging")
-        report = collapse_model(model, blocks=args.blocks, threshold=args.threshold, force=args.force)
+        report = collapse_model(model, **options)
         progress.update()
         progress.set_postfix_str(f"saving to {target}")
         model.save_pretrained(target)
