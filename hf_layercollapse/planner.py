@@ -32,7 +32,15 @@ from transformers.pytorch_utils import Conv1D
 
 from .architectures import BlockKind, Layout, MLPBlock, check_not_moe, find_mlp_blocks, projection_shape
 from .calibration import calibration_batches, collect_statistics, gate_means, replaced_blocks
-from .collapse import block_costs, block_gate, empty_projection, install_merged, merge_block, merge_projections
+from .collapse import (
+    block_costs,
+    block_gate,
+    empty_projection,
+    install_merged,
+    merge_block,
+    merge_projections,
+    model_params,
+)
 from .plan import record_block
 from .report import BlockReport, CollapseReport
 
@@ -339,7 +347,7 @@ def _select(model, blocks, ranked, objective, baseline, params_total, num_blocks
 
 def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
     """Merge the plan's blocks in place (what ``collapse_model(model, plan=plan)`` does)."""
-    report = CollapseReport(model_params_before=sum(p.numel() for p in model.parameters()))
+    report = CollapseReport(model_params_before=model_params(model))
     replacements = [(p, _replacement(model, p)) for p in plan.selected]  # validate everything before changing
     for planned, merged in replacements:
         owner = model.get_submodule(planned.name) if planned.name else model
@@ -355,5 +363,5 @@ def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
                      method=planned.method)
         report.blocks.append(BlockReport(planned.name, planned.layout.kind.value, alpha, "collapsed",
                                          planned.method, before, after, flops_before, flops_after))
-    report.model_params_after = sum(p.numel() for p in model.parameters())
+    report.model_params_after = model_params(model)
     return report

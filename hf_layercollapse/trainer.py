@@ -179,10 +179,12 @@ class LayerCollapseTrainerMixin:
         batch whatever the accumulation and whether or not the head honours ``num_items_in_batch``. The
         regulariser is divided by the number of accumulation steps.
         """
+        if not model.training:  # evaluation: the task loss only (and no α needed: the model may be collapsed)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs)
         items = self._count_items(inputs)
         task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
-        steps = self.current_gradient_accumulation_steps if model.training else 1
-        if model.training and items is not None and num_items_in_batch is not None:
+        steps = self.current_gradient_accumulation_steps
+        if items is not None and num_items_in_batch is not None:
             total = torch.as_tensor(num_items_in_batch, device=task_loss.device, dtype=torch.float32)
             task_loss = task_loss * items.to(task_loss.device) / total.clamp(min=1)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -190,15 +192,14 @@ class LayerCollapseTrainerMixin:
         else:
             task_loss = task_loss / steps
         reg = regularization_loss(model)
-        if model.training:
-            self._reg_sum = self._reg_sum.to(reg.device) + reg.detach()
-            self._reg_count += 1
+        self._reg_sum = self._reg_sum.to(reg.device) + reg.detach()
+        self._reg_count += 1
         loss = task_loss + self.current_reg_weight() * reg / steps
         return (loss, outputs) if return_outputs else loss
 
     # ---------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
+        if "loss" in logs and injected_activations(self.model):
             logs.update(self._collapse_metrics())
         super().log(logs, start_time)
 

@@ -308,3 +308,17 @@ def test_two_processes_under_accelerate_launch_match_one_process(tmp_path):
     assert len(got) == len(expected)
     for got_step, expected_step in zip(got, expected):
         assert got_step == pytest.approx(expected_step, abs=1e-6)
+
+
+def test_evaluation_loss_is_the_task_loss_even_after_collapse(tmp_path):
+    model = hlc.get_collapse_model(bert_classifier(), hlc.LayerCollapseConfig(reg_weight=10.0))
+    data = classification_data()
+    args = training_args(tmp_path, per_device_eval_batch_size=16)
+    plain = Trainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"]
+    trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(plain, rel=1e-6)  # λ·Σ(1−α)² = 20 is not added
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    hlc.collapse_model(model)
+    collapsed = Trainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(collapsed, rel=1e-6)
