@@ -26,7 +26,7 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from .architectures import PROJECTIONS, Layout, join, projection_shape
-from .collapse import block_costs
+from .collapse import block_costs, model_params
 from .injection import injected_activations
 from .modeling import INSTALL_HINT, _CollapsedModelMixin
 from .plan import base_prefix, get_plan
@@ -97,8 +97,6 @@ def _original_model(model: PreTrainedModel) -> PreTrainedModel:
         return base_cls(copy.deepcopy(model.config))
 
 
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def projection_flops(model: nn.Module) -> int:
@@ -128,7 +126,7 @@ def build_collapse_report(model: PreTrainedModel) -> CollapseReport:
     original = _original_model(model)
     prefix, live = base_prefix(model), injected_activations(model)
     threshold = (plan.get("config") or {}).get("threshold")
-    report = CollapseReport(model_params_before=_num_params(original), model_params_after=_num_params(model),
+    report = CollapseReport(model_params_before=model_params(original), model_params_after=model_params(model),
                             threshold=threshold)
     for name, entry in plan["blocks"].items():
         layout = Layout.from_dict(entry["layout"])

@@ -134,8 +134,9 @@ def test_collapse_is_exact_and_saves_the_computed_parameters(name):
     for row in report.blocks:  # the report's per-block numbers, with the same independent sizes
         assert row.params_before - row.params_after == saved_per_block(D, hidden_size(name), bias)
         assert row.flops_after == 2 * D * D and row.alpha == 1.0
-    assert report.params_saved == injected_params - num_params(model)  # measured, including the n α's
-    assert report.model_params_before == injected_params and report.model_params_after == num_params(model)
+    assert injected_params == original_params + n  # one α per block, which the report leaves out:
+    assert report.params_saved == original_params - num_params(model)  # savings against the original model
+    assert report.model_params_before == original_params and report.model_params_after == num_params(model)
     assert not hlc.injected_activations(model)
     assert hlc.find_mlp_blocks(model, method="trace") == []  # nothing left to find: every block is one projection
 
@@ -258,9 +259,9 @@ def test_report_table_and_dict():
     model = tiny_model("bart")
     hlc.get_collapse_model(model)
     set_alphas(model, 1.0, 0.2, 1.0, 0.99)
-    before = num_params(model)
+    before = num_params(model) - 4  # the report counts the original architecture: no α
     report = hlc.collapse_model(model)
-    after = num_params(model)
+    after = num_params(model) - 1  # the kept block still has its α
     text = str(report)
     for block in report.blocks:
         assert block.name in text
@@ -272,7 +273,7 @@ def test_report_table_and_dict():
     assert [b["status"] for b in data["blocks"]] == ["collapsed", "kept", "collapsed", "collapsed"]
     assert data["params_saved_fraction"] == pytest.approx((before - after) / before)
     per_block = sum(b["params_before"] - b["params_after"] for b in data["blocks"])
-    assert data["params_saved"] == per_block + 3  # plus the α of each merged block
+    assert data["params_saved"] == per_block
     flops = [b for b in data["blocks"] if b["status"] == "collapsed"]
     assert data["collapsed_flops_per_token_before"] == sum(b["flops_before"] for b in flops) == 3 * 2 * 2 * D * 64
     assert data["collapsed_flops_per_token_after"] == 3 * 2 * D * D
@@ -326,4 +327,4 @@ def test_minilm_collapse_all_six_blocks(minilm):
     assert len(report.collapsed) == 6
     assert float((collapsed - linear).abs().max() / linear.abs().max()) <= 1e-5
     assert params - num_params(model) == 6 * (2 * 384 * 1536 + 1536 - 384 * 384)
-    assert report.params_saved == 6 * (2 * 384 * 1536 + 1536 - 384 * 384) + 6  # and the six α
+    assert report.params_saved == 6 * (2 * 384 * 1536 + 1536 - 384 * 384)

@@ -144,7 +144,7 @@ def test_card_body(client: dict[str, Any]) -> None:
     assert "# tiny-collapsed" in text and f"[{BASE}](https://huggingface.co/{BASE})" in text
     assert "| `encoder.layer.1` | plain | 1.0000 | collapsed | 4,192 → 1,056 |" in text
     assert "| `encoder.layer.0` | plain | 0.0000 | kept" in text
-    assert "| parameters | 23,490 | 20,353 | -13.35% |" in text
+    assert "| parameters | 23,488 | 20,352 | -13.35% |" in text
     assert "![α per MLP block" in text and "(layercollapse_chart.png)" in text
     assert "| Tweets | accuracy | 0.93 | 0.91 | -0.02 |" in text
     assert "import hf_layercollapse" in text and f'AutoModel.from_pretrained("{REPO}")' in text
