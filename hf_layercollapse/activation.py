@@ -64,9 +64,10 @@ class CollapsibleActivation(nn.Module):
         alpha = alpha.to(hidden_states.dtype)
         if self.mode == "prelu":
             return torch.where(hidden_states >= 0, hidden_states, alpha * hidden_states)
+        # torch.lerp(a, b, w) = a + w·(b − a) in one kernel, exactly a at w = 0 and exactly b at w = 1
         if self.gate_constant is not None:
-            return alpha * self.gate_constant.to(hidden_states.dtype) + (1.0 - alpha) * self.activation(hidden_states)
-        return alpha * hidden_states + (1.0 - alpha) * self.activation(hidden_states)
+            return torch.lerp(self.activation(hidden_states), self.gate_constant.to(hidden_states.dtype), alpha)
+        return torch.lerp(self.activation(hidden_states), hidden_states, alpha)
 
     def __getstate__(self) -> dict:
         # the term recorded by the last forward is part of an autograd graph: it is not state (deepcopy, pickle)
