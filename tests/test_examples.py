@@ -61,7 +61,7 @@ def _require(loader: Any) -> None:
     try:
         loader()
     except assets.MissingAssetError as err:
-        pytest.skip(f"offline asset missing: {err}")
+        pytest.fail(f"offline asset missing (run scripts/install_assets.sh): {err}")
 
 
 def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
