@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -252,6 +252,3 @@ def select_blocks(
         selected = [b for b in selected if not _block_matches(b, exclude_modules)]
     return selected
 
-
-def renumber(blocks: list[MLPBlock]) -> list[MLPBlock]:
-    return [replace(b, index=i) for i, b in enumerate(blocks)]
