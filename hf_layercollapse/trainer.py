@@ -20,6 +20,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .activation import CollapsibleActivation
 from .collapse import collapse_model
 from .injection import injected_activations, regularization_loss
 from .peft_integration import merge_lora_and_collapse, peft_trainer_settings
@@ -64,6 +65,22 @@ class CollapseArguments:
         default=None, metadata={"help": "τ for collapse_at_end and logging (default: the config's threshold)."}
     )
     log_block_alphas: bool = field(default=True, metadata={"help": "Log every block's α (alpha/<block>)."})
+    progressive_steps: int = field(
+        default=0,
+        metadata={"help": "Collapse blocks one at a time, as in the paper: each block is regularised alone for this "
+                          "many optimizer steps, then its α is set to 1 and held (the block is linear). 0: all "
+                          "blocks at once."},
+    )
+    progressive_start: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps of fine-tuning with every α held at its initial value before the first "
+                          "progressive stage."},
+    )
+    progressive_order: str = field(
+        default="deepest_first",
+        metadata={"help": "Order of the progressive stages: 'deepest_first' (the paper's), 'shallowest_first', or "
+                          "comma-separated block names (as listed by hf-layercollapse inspect)."},
+    )
 
     def __post_init__(self) -> None:
         if self.reg_weight is not None and not self.reg_weight >= 0:
@@ -76,6 +93,11 @@ class CollapseArguments:
             raise ValueError(f"alpha_learning_rate={self.alpha_learning_rate!r} must be > 0.")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r} must lie in [0, 1].")
+        if self.progressive_steps < 0 or self.progressive_start < 0:
+            raise ValueError(f"progressive_steps={self.progressive_steps!r} and progressive_start="
+                             f"{self.progressive_start!r} must be >= 0.")
+        if not self.progressive_order.strip():
+            raise ValueError("progressive_order is empty: use 'deepest_first', 'shallowest_first' or block names.")
 
 
 class _ClampAlphaCallback(TrainerCallback):
@@ -88,6 +110,84 @@ class _ClampAlphaCallback(TrainerCallback):
         with torch.no_grad():
             for act in injected_activations(self.trainer.model).values():
                 act.alpha.clamp_(0.0, 1.0)
+
+
+class ProgressiveSchedule(TrainerCallback):
+    """Collapses the blocks one at a time (``CollapseArguments.progressive_steps``).
+
+    Block ``i`` of the order is regularised alone during optimizer steps ``start + i·S + 1 … start + (i+1)·S``;
+    when its stage ends its α is set to exactly 1 and held (the block is linear: collapsed in effect, merged by
+    ``collapse_model`` later). Blocks whose stage has not begun keep α at its value when training started. Held
+    α get no gradient, so the optimizer leaves them (and their state) alone. The change happens in
+    ``on_optimizer_step``: every callback's ``on_step_end`` at step ``start + k·S`` sees k blocks at α = 1.
+    Injected blocks left out of a named order are held at their initial α throughout.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.args = trainer.collapse_args
+        acts = injected_activations(trainer.model)
+        self.blocks = self._ordered_blocks(acts)
+        scheduled = {id(act) for _, act in self.blocks}
+        self.unscheduled = [act for act in acts.values() if id(act) not in scheduled]  # held, never collapsed
+        self.initial: list[torch.Tensor] = []
+
+    def _ordered_blocks(self, acts: dict) -> list[tuple[str, CollapsibleActivation]]:
+        order = self.args.progressive_order.strip()
+        if order in ("deepest_first", "shallowest_first"):
+            names = list(acts)[::-1] if order == "deepest_first" else list(acts)
+        else:
+            names = [n.strip() for n in order.split(",") if n.strip()]
+            unknown = [n for n in names if n not in acts]
+            if unknown or len(set(names)) != len(names):
+                raise ValueError(
+                    f"progressive_order names {unknown or 'a block twice'}: give each injected block at most once, "
+                    f"from {list(acts)}, or 'deepest_first' / 'shallowest_first'."
+                )
+        return [(n, acts[n]) for n in names]
+
+    def finished(self, step: int) -> int:
+        """How many blocks are linear (held at α = 1) after ``step`` optimizer steps."""
+        done = (step - self.args.progressive_start) // self.args.progressive_steps
+        return max(0, min(len(self.blocks), done))
+
+    def active(self, step: int) -> CollapsibleActivation | None:
+        """The block regularised during optimizer step ``step + 1`` (None before the first and after the last stage)."""
+        if step < self.args.progressive_start or self.finished(step) >= len(self.blocks):
+            return None
+        return self.blocks[self.finished(step)][1]
+
+    def _all(self) -> list[CollapsibleActivation]:
+        return [act for _, act in self.blocks] + self.unscheduled
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        end = self.args.progressive_start + len(self.blocks) * self.args.progressive_steps
+        if state.max_steps and end > state.max_steps:
+            logger.warning(
+                "progressive schedule: %d blocks × %d steps from step %d ends at step %d, after training stops "
+                "(max_steps %d): the last blocks will not reach α = 1. Train longer or shorten progressive_steps.",
+                len(self.blocks), self.args.progressive_steps, self.args.progressive_start, end, state.max_steps,
+            )
+        self.initial = [act.alpha.detach().clone() for act in self._all()]
+        self._hold(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        active = self.active(state.global_step)
+        for act in self._all():
+            if act is not active:
+                act.alpha.grad = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._hold(state.global_step + 1)
+
+    def _hold(self, step: int) -> None:
+        finished, active = self.finished(step), self.active(step)
+        with torch.no_grad():
+            for i, act in enumerate(self._all()):
+                if i < finished:
+                    act.alpha.fill_(1.0)
+                elif act is not active:
+                    act.alpha.copy_(self.initial[i])
 
 
 class LayerCollapseTrainerMixin:
@@ -121,6 +221,10 @@ class LayerCollapseTrainerMixin:
         self.collapse_report: CollapseReport | None = None
         if self.collapse_args.clamp_alpha:
             self.add_callback(_ClampAlphaCallback(self))
+        self.progressive: ProgressiveSchedule | None = None
+        if self.collapse_args.progressive_steps:
+            self.progressive = ProgressiveSchedule(self)
+            self.add_callback(self.progressive)
 
     # ----------------------------------------------------------------------------------------------- schedule
     def current_reg_weight(self) -> float:
@@ -191,11 +295,21 @@ class LayerCollapseTrainerMixin:
                 task_loss = task_loss * self.args.world_size  # DDP averages gradients over ranks
         else:
             task_loss = task_loss / steps
-        reg = regularization_loss(model)
+        reg = self._regularization(model)
         self._reg_sum = self._reg_sum.to(reg.device) + reg.detach()
         self._reg_count += 1
         loss = task_loss + self.current_reg_weight() * reg / steps
         return (loss, outputs) if return_outputs else loss
+
+    def _regularization(self, model: nn.Module) -> torch.Tensor:
+        """Σ(1−α)² over the injected blocks, or, on a progressive schedule, the term of the active block alone."""
+        if self.progressive is None:
+            return regularization_loss(model)
+        active = self.progressive.active(self.state.global_step)
+        terms = {id(act): act.regularization_term() for act in injected_activations(model).values()}  # consume all
+        if active is None:
+            return torch.zeros((), device=next(iter(terms.values())).device)
+        return terms[id(active)].float()
 
     # ---------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

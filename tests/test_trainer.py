@@ -322,3 +322,92 @@ def test_evaluation_loss_is_the_task_loss_even_after_collapse(tmp_path):
     hlc.collapse_model(model)
     collapsed = Trainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"]
     assert trainer.evaluate()["eval_loss"] == pytest.approx(collapsed, rel=1e-6)
+
+
+def bert_classifier_3_blocks() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+class RecordAlphas(TrainerCallback):
+    """α of every block, in model order, after each step (what any user callback sees in on_step_end)."""
+
+    def __init__(self, model):
+        self.acts = list(hlc.injected_activations(model).values())
+        self.history: list[list[float]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.history.append([a.alpha_value for a in self.acts])
+
+
+def progressive_run(out, collapse_args, max_steps=8, **kwargs):
+    model = hlc.get_collapse_model(bert_classifier_3_blocks(), hlc.LayerCollapseConfig(reg_weight=1.0))
+    record = RecordAlphas(model)
+    args = training_args(out, max_steps=max_steps, per_device_train_batch_size=4, optim="adamw_torch",
+                         learning_rate=1e-2, **kwargs)
+    trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=classification_data(),
+                                       collapse_args=collapse_args, callbacks=[record])
+    trainer.train()
+    return model, trainer, record.history
+
+
+def test_progressive_schedule_collapses_one_block_at_a_time(tmp_path):
+    """1 step of plain fine-tuning, then 2 steps per block, deepest first; α held at 0 before and at 1 after."""
+    args = hlc.CollapseArguments(progressive_steps=2, progressive_start=1, alpha_learning_rate=0.2)
+    model, trainer, history = progressive_run(tmp_path, args)
+    assert history[0] == [0.0, 0.0, 0.0]  # step 1: plain fine-tuning, every α held
+    for step, (a0, a1, a2) in enumerate(history, start=1):
+        if step in (2, 3):  # block 2 (deepest) alone moves; it ends its stage at exactly 1
+            assert a0 == a1 == 0.0 and (a2 == 1.0 if step == 3 else 0 < a2 < 1)
+        elif step in (4, 5):
+            assert a0 == 0.0 and a2 == 1.0 and (a1 == 1.0 if step == 5 else 0 < a1 < 1)
+        elif step >= 6:
+            assert a1 == a2 == 1.0 and (a0 == 1.0 if step >= 7 else 0 < a0 < 1)
+    # the regulariser of the logged steps is the active block's term alone (0 when no block is active)
+    logged = [e for e in trainer.state.log_history if "reg_loss" in e]
+    assert logged[0]["reg_loss"] == 0.0 and logged[-1]["reg_loss"] == 0.0
+    assert logged[1]["reg_loss"] == pytest.approx(1.0)  # step 2: block 2 starts at α = 0
+    report = hlc.collapse_model(model)
+    assert len(report.collapsed) == 3
+
+
+def test_progressive_order_by_name_and_its_errors(tmp_path, caplog):
+    names = list(hlc.injected_activations(hlc.get_collapse_model(bert_classifier_3_blocks())))
+    order = f"{names[1]}, {names[0]}"  # block 2 is not in the order: it keeps its initial α
+    _, _, history = progressive_run(tmp_path / "a", hlc.CollapseArguments(progressive_steps=1,
+                                                                          progressive_order=order), max_steps=3)
+    assert history[0][1] == 1.0 and history[0][0] == 0.0
+    assert history[1][:2] == [1.0, 1.0] and history[2] == [1.0, 1.0, 0.0]
+    with caplog.at_level(logging.WARNING, logger="hf_layercollapse.trainer"):
+        _, _, history = progressive_run(tmp_path / "b", hlc.CollapseArguments(progressive_steps=2), max_steps=3)
+    assert "after training stops" in caplog.text and history[-1][0] == 0.0
+    with pytest.raises(ValueError, match="progressive_order names"):
+        progressive_run(tmp_path / "c", hlc.CollapseArguments(progressive_steps=1, progressive_order="encoder.x"))
+    with pytest.raises(ValueError, match="progressive_steps"):
+        hlc.CollapseArguments(progressive_steps=-1)
+
+
+def test_progressive_schedule_resumes_exactly(tmp_path):
+    class StopAtStep3(TrainerCallback):  # crash in the middle of the second stage, after checkpoint-3
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    collapse_args = hlc.CollapseArguments(progressive_steps=2, alpha_learning_rate=0.1)
+
+    def run(out, resume=None, callbacks=None):
+        model = hlc.get_collapse_model(bert_classifier_3_blocks(), hlc.LayerCollapseConfig(reg_weight=1.0))
+        args = training_args(out, max_steps=6, per_device_train_batch_size=4, optim="adamw_torch",
+                             learning_rate=1e-2, save_strategy="steps", save_steps=3)
+        trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=classification_data(),
+                                           collapse_args=collapse_args, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume)
+        return state(model)
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "part", callbacks=[StopAtStep3()])
+    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-3"))
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert [v.item() for k, v in full.items() if k.endswith(".alpha")] == [1.0, 1.0, 1.0]
