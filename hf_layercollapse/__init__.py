@@ -14,7 +14,13 @@ from .config import LayerCollapseConfig
 from .hub import push_to_hub, save_for_hub
 from .injection import get_collapse_model, injected_activations, regularization_loss
 from .modeling import MODEL_TYPE, LayerCollapseConfigError
-from .peft_integration import LayerCollapseLayer, LayerCollapseModel, get_lora_collapse_model, merge_lora_and_collapse
+from .peft_integration import (
+    LayerCollapseLayer,
+    LayerCollapseModel,
+    calibrate_gate_constants,
+    get_lora_collapse_model,
+    merge_lora_and_collapse,
+)
 from .planner import CollapsePlan, plan_collapse
 from .report import BlockReport, CollapseReport
 from .trainer import CollapseArguments, LayerCollapseTrainer, LayerCollapseTrainerMixin
@@ -36,6 +42,7 @@ __all__ = [
     "MLPBlock",
     "__version__",
     "build_collapse_report",
+    "calibrate_gate_constants",
     "collapse_model",
     "find_mlp_blocks",
     "get_collapse_model",

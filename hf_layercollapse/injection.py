@@ -23,14 +23,19 @@ def injected_activations(model: nn.Module) -> dict[str, CollapsibleActivation]:
     return found
 
 
-def _check_supported(blocks: list[MLPBlock], model: nn.Module, config: LayerCollapseConfig) -> None:
+def check_gated_mode(blocks: list[MLPBlock], activation: str) -> None:
+    """Refuse ``activation="prelu"`` on gated blocks (their gate is blended towards a constant)."""
     gated = [b.name for b in blocks if b.kind is BlockKind.GATED]
-    if gated and config.activation != "blend":
+    if gated and activation != "blend":
         raise ValueError(
-            f"activation={config.activation!r} cannot be used on gated MLP blocks ({gated[0]}, ...): a gated block "
+            f"activation={activation!r} cannot be used on gated MLP blocks ({gated[0]}, ...): a gated block "
             "collapses by blending its gate towards a constant (activation='blend'). Use 'blend', or select plain "
             "blocks only."
         )
+
+
+def _check_supported(blocks: list[MLPBlock], model: nn.Module, config: LayerCollapseConfig) -> None:
+    check_gated_mode(blocks, config.activation)
     injected = [b.name for b in blocks if isinstance(model.get_submodule(b.path("act")), CollapsibleActivation)]
     if injected:
         raise ValueError(

@@ -7,9 +7,13 @@ a method up; PEFT itself is not modified. From then on a :class:`~hf_layercollap
 PEFT's own entry points:
 
 * ``peft.get_peft_model(model, LayerCollapseConfig(...))``: the base model is frozen; each selected MLP block's
-  activation is wrapped by a :class:`LayerCollapseLayer` holding one trainable α per adapter.
-* ``PeftModel.save_pretrained`` writes ``adapter_config.json`` and the α (and LoRA, and ``modules_to_save``)
-  weights; ``PeftModel.from_pretrained`` and ``AutoPeftModelFor...from_pretrained`` rebuild them on a plain base.
+  activation is wrapped by a :class:`LayerCollapseLayer` holding one trainable α per adapter, and on a gated block
+  (Llama, Mistral, Qwen2, Gemma, Phi-3, gated T5) one trainable gate constant ``c`` per adapter too (one value per
+  intermediate channel; it starts at the mean of ``act(gate(x))`` over a dummy batch, as in
+  :func:`~hf_layercollapse.get_collapse_model`, or over calibration data with :func:`calibrate_gate_constants`).
+* ``PeftModel.save_pretrained`` writes ``adapter_config.json`` and the α and ``c`` (and LoRA, and
+  ``modules_to_save``) weights; ``PeftModel.from_pretrained`` and ``AutoPeftModelFor...from_pretrained`` rebuild
+  them on a plain base.
 * ``merge_and_unload()`` returns a plain ``transformers`` model in which the blocks within the threshold are
   collapsed, exactly as :func:`~hf_layercollapse.collapse_model` does, so it saves with ``save_pretrained`` and
   reloads with ``AutoModelFor...from_pretrained``. The other blocks keep their trained α as injected blocks.
@@ -37,10 +41,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .activation import CollapsibleActivation
-from .architectures import BlockKind, Layout, MLPBlock, find_mlp_blocks, select_blocks
+from .architectures import BlockKind, Layout, MLPBlock, check_not_moe, find_mlp_blocks, select_blocks
+from .calibration import gate_means
 from .collapse import collapse_model
 from .config import ACTIVATIONS, PEFT_TYPE, LayerCollapseConfig
-from .injection import _check_not_shared, injected_activations
+from .injection import _check_not_shared, check_gated_mode, injected_activations
+from .modeling import LayerCollapseConfigError
 from .plan import record_block, set_module
 from .report import CollapseReport
 
@@ -51,23 +57,29 @@ __all__ = [
     "PEFT_TYPE",
     "LayerCollapseLayer",
     "LayerCollapseModel",
+    "calibrate_gate_constants",
     "get_lora_collapse_model",
     "merge_lora_and_collapse",
     "register_peft_method",
 ]
 
-#: Prefix of the LayerCollapse parameters in PEFT state dicts (``...act.layercollapse_alpha``).
+#: Prefix of the LayerCollapse parameters in PEFT state dicts (``...act.layercollapse_alpha``,
+#: ``...act.layercollapse_gate_constant``).
 PEFT_PREFIX = "layercollapse_"
 
 
 class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
     """PEFT tuner layer around an MLP block's activation: a :class:`~hf_layercollapse.CollapsibleActivation` whose α
-    lives in a ``ParameterDict`` keyed by adapter name (``layercollapse_alpha``), as PEFT expects.
+    lives in a ``ParameterDict`` keyed by adapter name (``layercollapse_alpha``), as PEFT expects. On a gated block
+    the gate constant ``c`` does too (``layercollapse_gate_constant``, one value per intermediate channel): the
+    layer computes ``(1−α)·act(gate(x)) + α·c``.
 
-    The original activation is ``base_layer``; ``alpha``, ``mode`` and ``forward`` are those of the active adapter,
-    so :func:`~hf_layercollapse.injected_activations`, :func:`~hf_layercollapse.regularization_loss` and
-    :class:`~hf_layercollapse.LayerCollapseTrainer` work on PEFT models unchanged. With adapters disabled (or no
-    adapter of this layer active) the layer is the original activation.
+    The original activation is ``base_layer``; ``alpha``, ``gate_constant``, ``mode`` and ``forward`` are those of
+    the active adapter, so :func:`~hf_layercollapse.injected_activations`,
+    :func:`~hf_layercollapse.regularization_loss` and :class:`~hf_layercollapse.LayerCollapseTrainer` work on PEFT
+    models unchanged. With adapters disabled (or no adapter of this layer active) the layer is the original
+    activation. Loading an adapter whose α or ``c`` does not fit the block raises
+    :class:`~hf_layercollapse.LayerCollapseConfigError` naming the module.
 
     Args:
         base_layer: The original activation module.
@@ -75,6 +87,7 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         layout: The MLP block's layout (where fc1, act and fc2 sit), used to find the block again when collapsing.
         mode: ``"blend"`` or ``"prelu"``.
         init_alpha: Initial α.
+        gate_constant: Gated blocks only (required there): the initial ``c``.
 
     Example:
         >>> import torch
@@ -89,7 +102,7 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         True
     """
 
-    adapter_layer_names = ("layercollapse_alpha",)
+    adapter_layer_names = ("layercollapse_alpha", "layercollapse_gate_constant")
     other_param_names = ()
 
     def __init__(
@@ -99,32 +112,45 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         layout: Layout,
         mode: str = "blend",
         init_alpha: float = 0.0,
+        gate_constant: torch.Tensor | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.base_layer = base_layer
         self.layercollapse_alpha = nn.ParameterDict()
+        self.layercollapse_gate_constant = nn.ParameterDict()  # gated blocks only
         self.layercollapse_mode: dict[str, str] = {}
         self.layout = layout
-        self.gate_constant = None  # plain MLP blocks only: the activation is blended towards the identity
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, mode, init_alpha, device, dtype)
+        self.update_layer(adapter_name, mode, init_alpha, gate_constant, device, dtype)
 
     def update_layer(
-        self, adapter_name: str, mode: str, init_alpha: float, device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        self, adapter_name: str, mode: str, init_alpha: float, gate_constant: torch.Tensor | None = None,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        """Add adapter ``adapter_name`` (its own α) to this layer."""
+        """Add adapter ``adapter_name`` (its own α, and on a gated block its own ``c``) to this layer."""
         if mode not in ACTIVATIONS:
             raise ValueError(f"mode={mode!r} is not supported: use one of {ACTIVATIONS}.")
+        gated = self.layout.kind is BlockKind.GATED
+        if gated and mode != "blend":
+            raise ValueError(f"mode={mode!r}: the gate of a gated MLP block can only be blended towards its constant "
+                             "(mode='blend').")
+        if gated and gate_constant is None:
+            raise ValueError("A gated MLP block needs the initial gate constant of the adapter (gate_constant=).")
+        if not gated and gate_constant is not None:
+            raise ValueError("gate_constant is for gated MLP blocks; this block is plain.")
         self.layercollapse_alpha[adapter_name] = nn.Parameter(
             torch.full((1,), float(init_alpha), device=device, dtype=dtype)
         )
+        if gated:
+            self.layercollapse_gate_constant[adapter_name] = nn.Parameter(
+                gate_constant.detach().reshape(-1).to(device=device, dtype=dtype, copy=True)
+            )
         self.layercollapse_mode[adapter_name] = mode
         self.set_adapter(self.active_adapters)
 
@@ -142,6 +168,13 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
     def alpha(self) -> nn.Parameter:  # type: ignore[override]
         """α of the active adapter (shape ``(1,)``)."""
         return self.layercollapse_alpha[self._adapter()]
+
+    @property
+    def gate_constant(self) -> nn.Parameter | None:  # type: ignore[override]
+        """``c`` of the active adapter (gated blocks; ``None`` on plain blocks)."""
+        if self.layout.kind is not BlockKind.GATED:
+            return None
+        return self.layercollapse_gate_constant[self._adapter()]
 
     @property
     def mode(self) -> str:  # type: ignore[override]
@@ -169,13 +202,33 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         self.layercollapse_mode.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # torch would report a wrong shape as "size mismatch for ...", after reading the whole state dict; say which
+        # block the adapter does not fit, and why.
+        for kind in self.adapter_layer_names:
+            for adapter, param in getattr(self, kind).items():
+                value = state_dict.get(f"{prefix}{kind}.{adapter}")
+                if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                    what = "intermediate channels" if kind == "layercollapse_gate_constant" else "values"
+                    raise LayerCollapseConfigError(
+                        f"The adapter checkpoint's {kind} of {prefix.rstrip('.')!r} (adapter {adapter!r}) has shape "
+                        f"{tuple(value.shape)}, but this MLP block needs {tuple(param.shape)} ({param.numel()} "
+                        f"{what}): the adapter was trained on another model; nothing was loaded."
+                    )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}: {float(p.detach().float()[0]):.4f}" for a, p in self.layercollapse_alpha.items())
-        return f"layout={self.layout.act!r}, alpha={{{adapters}}}"
+        gated = "" if not self.layercollapse_gate_constant else ", gate_constant={" + ", ".join(
+            f"{a}: [{p.numel()}]" for a, p in self.layercollapse_gate_constant.items()) + "}"
+        return f"layout={self.layout.act!r}, alpha={{{adapters}}}{gated}"
 
 
 def _select_targets(model: nn.Module, config: LayerCollapseConfig) -> tuple[dict[str, MLPBlock], set[str]]:
     """``{activation name: block}`` of the blocks ``config`` selects, and the activation names it excludes."""
+    check_not_moe(model)
     blocks = find_mlp_blocks(model)
     if not blocks:
         raise ValueError(
@@ -190,6 +243,7 @@ def _select_targets(model: nn.Module, config: LayerCollapseConfig) -> tuple[dict
             "The config selects no MLP block (exclude_modules removed every block that the other selectors kept); "
             f"the model has {len(blocks)} blocks: {[b.name for b in blocks]}."
         )
+    check_gated_mode(kept, config.activation)
     fresh = [b for b in kept if not isinstance(model.get_submodule(b.path("act")), LayerCollapseLayer)]
     plain = [b.name for b in fresh if isinstance(model.get_submodule(b.path("act")), CollapsibleActivation)]
     if plain:
@@ -198,17 +252,24 @@ def _select_targets(model: nn.Module, config: LayerCollapseConfig) -> tuple[dict
             "get_collapse_model (full fine-tuning) or the PEFT adapter (get_peft_model / get_lora_collapse_model) on "
             "the original model, not both."
         )
-    gated = [b.name for b in fresh if b.kind is BlockKind.GATED]
-    if gated:
-        raise ValueError(
-            f"{type(model).__name__} has gated MLP blocks ({gated[0]}{', ...' if len(gated) > 1 else ''}): the PEFT "
-            "adapter handles plain MLP blocks only (a gated block needs its gate constant as an adapter parameter, "
-            "not supported yet). Use get_collapse_model for gated blocks, or select plain blocks with "
-            "target_modules/layers_to_transform."
-        )
     _check_not_shared(model, fresh)
     excluded = {b.path("act") for b in selected} - {b.path("act") for b in kept}
     return {b.path("act"): b for b in kept}, excluded
+
+
+def _base_gate_means(model: nn.Module, blocks: list[MLPBlock], calibration_data=None) -> dict[str, torch.Tensor]:
+    """:func:`~hf_layercollapse.calibration.gate_means` of the base model: every adapter layer (LayerCollapse, LoRA)
+    is switched off during the pass, so that ``c`` starts from the original model's gate, as with
+    :func:`~hf_layercollapse.get_collapse_model`."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    disabled = [m._disable_adapters for m in layers]
+    try:
+        for layer in layers:  # the flag only: enable_adapters() would also change which parameters are trainable
+            layer._disable_adapters = True
+        return gate_means(model, blocks, calibration_data)
+    finally:
+        for layer, flag in zip(layers, disabled):
+            layer._disable_adapters = flag
 
 
 class LayerCollapseModel(BaseTuner):
@@ -251,6 +312,10 @@ class LayerCollapseModel(BaseTuner):
 
     def _prepare_model(self, peft_config: LayerCollapseConfig, model: nn.Module) -> None:
         self._targets, self._excluded = _select_targets(model, peft_config)
+        # gated blocks: c starts at the mean of act(gate(x)) over a dummy batch (get_collapse_model's default);
+        # calibrate_gate_constants sets it from calibration data, PeftModel.from_pretrained from the checkpoint.
+        gated = [b for b in self._targets.values() if b.kind is BlockKind.GATED]
+        self._gate_constants = _base_gate_means(model, gated) if gated else {}
 
     def _check_target_module_exists(self, peft_config: LayerCollapseConfig, key: str) -> bool | _ExcludedModule:
         if key in self._excluded:
@@ -270,11 +335,12 @@ class LayerCollapseModel(BaseTuner):
         block = self._targets[current_key]
         weight = self.model.get_submodule(block.path("fc1")).weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+        constant = self._gate_constants.get(block.name)
         if isinstance(target, LayerCollapseLayer):
-            target.update_layer(adapter_name, peft_config.activation, peft_config.init_alpha, **factory)
+            target.update_layer(adapter_name, peft_config.activation, peft_config.init_alpha, constant, **factory)
             return
         layer = LayerCollapseLayer(target, adapter_name, block.layout, peft_config.activation, peft_config.init_alpha,
-                                   **factory)
+                                   constant, **factory)
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)  # an additional adapter is not trainable until it is activated
         self._replace_module(parent, target_name, layer, target)
@@ -349,9 +415,9 @@ class LayerCollapseModel(BaseTuner):
         progressbar: bool = False,
         safe_merge: bool = False,
     ) -> tuple[nn.Module, CollapseReport]:
-        """Merge LoRA, replace the LayerCollapse layers by plain collapsible activations with the trained α, then
-        :func:`~hf_layercollapse.collapse_model` (``threshold``, ``blocks``, ``force`` are its arguments; the
-        default threshold is the adapter's). Returns the unwrapped model and the report."""
+        """Merge LoRA, replace the LayerCollapse layers by plain collapsible activations with the trained α (and
+        ``c``), then :func:`~hf_layercollapse.collapse_model` (``threshold``, ``blocks``, ``force`` are its
+        arguments; the default threshold is the adapter's). Returns the unwrapped model and the report."""
         adapter = self._merge_adapter_name(adapter_names)
         config = self.peft_config[adapter]
         injected = []
@@ -360,7 +426,8 @@ class LayerCollapseModel(BaseTuner):
                 set_module(self.model, name, layer.base_layer)
                 continue
             alpha = layer.layercollapse_alpha[adapter]
-            act = CollapsibleActivation(layer.base_layer, layer.layercollapse_mode[adapter], 0.0)
+            constant = layer.layercollapse_gate_constant[adapter] if layer.layout.kind is BlockKind.GATED else None
+            act = CollapsibleActivation(layer.base_layer, layer.layercollapse_mode[adapter], 0.0, constant)
             act.layout = layer.layout
             owner = name[: -len(layer.layout.act) - 1] if name != layer.layout.act else ""
             weight = self.model.get_submodule(".".join(p for p in (owner, layer.layout.fc1) if p)).weight
@@ -413,12 +480,13 @@ def get_lora_collapse_model(
     lora_config: LoraConfig | dict[str, Any],
     collapse_config: LayerCollapseConfig | None = None,
     adapter_name: str = "default",
+    calibration_data=None,
     **kwargs: Any,
 ) -> PeftModel:
-    """Wrap ``model`` for LoRA + LayerCollapse fine-tuning: frozen base weights; trainable LoRA, α and
-    ``modules_to_save`` (e.g. a new head), all in one PEFT adapter.
+    """Wrap ``model`` for LoRA + LayerCollapse fine-tuning: frozen base weights; trainable LoRA, α (and the gate
+    constants ``c`` of gated blocks) and ``modules_to_save`` (e.g. a new head), all in one PEFT adapter.
 
-    Save with ``peft_model.save_pretrained(dir)`` (LoRA, α and saved modules), reload with
+    Save with ``peft_model.save_pretrained(dir)`` (LoRA, α, gate constants and saved modules), reload with
     ``PeftModel.from_pretrained(base, dir)`` or ``AutoPeftModelFor...from_pretrained(dir)``; at the end
     :func:`merge_lora_and_collapse` (or ``peft_model.merge_and_unload()``) gives one compact ``transformers``
     checkpoint. LoRA may target the projections of collapsible blocks too: they are merged before the blocks are.
@@ -427,8 +495,12 @@ def get_lora_collapse_model(
         model: A ``transformers`` model (its MLP blocks are found before LoRA wraps any projection).
         lora_config: A ``peft.LoraConfig`` (``target_modules``, ``r``, ``lora_alpha``...). Its ``task_type`` and
             ``modules_to_save`` become the adapter's.
-        collapse_config: Which blocks and how (default ``LayerCollapseConfig()``: every plain MLP block, blend).
+        collapse_config: Which blocks and how (default ``LayerCollapseConfig()``: every MLP block, plain or gated;
+            blend).
         adapter_name: The PEFT adapter name.
+        calibration_data: Gated blocks only: batches (or a dataset) on which ``c`` starts as the per-channel mean of
+            ``act(gate(x))`` of the base model (see :func:`calibrate_gate_constants`); without it, the mean over a
+            dummy batch, as in :func:`~hf_layercollapse.get_collapse_model`.
         kwargs: Passed to ``peft.get_peft_model`` (``autocast_adapter_dtype``, ``low_cpu_mem_usage``...).
 
     Returns:
@@ -456,7 +528,60 @@ def get_lora_collapse_model(
     if collapse_config.lora_config is not None:
         raise ValueError("collapse_config already has a lora_config: pass the LoRA settings once.")
     config = replace(collapse_config, lora_config=lora_config)
-    return get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    if calibration_data is not None:
+        calibrate_gate_constants(peft_model, calibration_data, adapter_name)
+    return peft_model
+
+
+def calibrate_gate_constants(
+    peft_model: PeftModel, calibration_data, adapter_name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Set the gate constants ``c`` of a LayerCollapse adapter's gated blocks to the per-channel mean of
+    ``act(gate(x))`` of the base model (every adapter switched off) over ``calibration_data``, padding excluded:
+    the rule of :func:`~hf_layercollapse.get_collapse_model` with ``calibration_data``, for PEFT models. Call it
+    after ``peft.get_peft_model`` and before training (:func:`get_lora_collapse_model` takes ``calibration_data``
+    and calls it).
+
+    Args:
+        peft_model: A ``PeftModel`` with a LayerCollapse adapter on gated MLP blocks.
+        calibration_data: A ``datasets.Dataset`` (padded to a fixed length), a ``DataLoader`` or batches (dicts of
+            tensors) for the base model's ``forward``.
+        adapter_name: The adapter whose ``c`` is set (default: the active one).
+
+    Returns:
+        The new ``c`` per block name (relative to the base model).
+
+    Example:
+        >>> import torch
+        >>> from peft import get_peft_model
+        >>> from transformers import LlamaConfig, LlamaModel
+        >>> import hf_layercollapse as hlc
+        >>> model = LlamaModel(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                                intermediate_size=64)).eval()
+        >>> peft_model = get_peft_model(model, hlc.LayerCollapseConfig())
+        >>> means = hlc.calibrate_gate_constants(peft_model, [{"input_ids": torch.tensor([[1, 2, 3, 4]])}])
+        >>> act = hlc.injected_activations(peft_model)["base_model.model.layers.0.mlp"]
+        >>> sorted(means), torch.equal(act.gate_constant.data, means["layers.0.mlp"])
+        (['layers.0.mlp', 'layers.1.mlp'], True)
+    """
+    tuner = getattr(peft_model, "base_model", None)
+    if not isinstance(peft_model, PeftModel) or not isinstance(tuner, LayerCollapseModel):
+        raise TypeError(f"calibrate_gate_constants takes a PeftModel with a LayerCollapse adapter, got "
+                        f"{type(peft_model).__name__}; without PEFT pass calibration_data to get_collapse_model.")
+    adapter = adapter_name if adapter_name is not None else tuner.active_adapters[0]
+    if adapter not in tuner.peft_config:
+        raise ValueError(f"Adapter {adapter!r} does not exist; this model has {list(tuner.peft_config)}.")
+    layers = {owner: layer for owner, layer in injected_activations(tuner.model).items()
+              if isinstance(layer, LayerCollapseLayer) and adapter in layer.layercollapse_gate_constant}
+    if not layers:
+        raise ValueError(f"Adapter {adapter!r} has no gated MLP block: there is no gate constant to calibrate.")
+    blocks = [MLPBlock(owner, index, layer.layout) for index, (owner, layer) in enumerate(layers.items())]
+    means = _base_gate_means(tuner.model, blocks, calibration_data)
+    with torch.no_grad():
+        for owner, layer in layers.items():
+            layer.layercollapse_gate_constant[adapter].copy_(means[owner])
+    return means
 
 
 def merge_lora_and_collapse(

@@ -17,6 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tiny_models import D, H
 from torch import nn
 from torch.utils._pytree import tree_flatten
@@ -134,3 +136,47 @@ def saved_per_block(d: int, h: int, bias: bool) -> int:
     before = d * h + h * d + (h + d if bias else 0)
     after = d * d + (d if bias else 0)
     return before - after
+
+
+def gated_params_saved(model: nn.Module) -> int:
+    """Σ over gated blocks of (gate + up + down parameters) − (d·d + merged bias), from the modules themselves."""
+    saved = 0
+    for block in hlc.find_mlp_blocks(model):
+        owner = model.get_submodule(block.name)
+        parts = {owner.get_submodule(p) for p in (block.layout.fc1, block.layout.gate, block.layout.fc2)}
+        before = sum(p.numel() for m in parts for p in m.parameters(recurse=False))
+        down = owner.get_submodule(block.layout.fc2)
+        has_bias = any(m.bias is not None for m in parts)
+        saved += before - (down.out_features * down.out_features + (down.out_features if has_bias else 0))
+    return saved
+
+
+# ------------------------------------------------------------------------------------------------------ PEFT
+
+
+def random_lora(targets: list[str], **kwargs) -> LoraConfig:
+    """LoRA whose B is not zero (init_lora_weights=False), so that it changes the outputs from the start."""
+    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kwargs)
+
+
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def trainable_kinds(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter count per kind: LoRA, α, gate constants, fully trained modules (modules_to_save), other
+    (base)."""
+    kinds = {"lora": 0, "alpha": 0, "gate_constant": 0, "saved_module": 0, "base": 0}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = ("lora" if ".lora_" in name else "alpha" if "layercollapse_alpha" in name
+                else "gate_constant" if "layercollapse_gate_constant" in name
+                else "saved_module" if ".modules_to_save." in name else "base")
+        kinds[kind] += param.numel()
+    return kinds
+
+
+def no_peft_left(model: nn.Module) -> bool:
+    return not any(isinstance(m, BaseTunerLayer) for m in model.modules()) and not hasattr(model, "peft_config")

@@ -7,28 +7,14 @@ import json
 
 import pytest
 import torch
+from conftest import gated_params_saved
 from safetensors.torch import load_file, save_file
-from tiny_models import HEADS, TEXT, tiny_model
+from tiny_models import GATED_ARCHS, HEADS, TEXT, gated_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import hf_layercollapse as hlc
 from hf_layercollapse.tracing import dummy_inputs
-
-EXTRA = {"qwen2": {}, "gemma": {"head_dim": 8}, "phi3": {"pad_token_id": 0}}
-ARCHS = ["llama", "mistral", "t5-gated", "qwen2", "gemma", "phi3"]
-
-
-def gated_model(name: str, causal_lm: bool = False) -> nn.Module:
-    if name in ("llama", "mistral", "t5-gated") and not causal_lm:
-        return tiny_model(name)
-    torch.manual_seed(0)
-    if name == "llama":
-        config = AutoConfig.for_model("llama", **TEXT, num_key_value_heads=HEADS)
-    else:
-        config = AutoConfig.for_model(name, **TEXT, num_key_value_heads=HEADS, **EXTRA[name])
-    auto = AutoModelForCausalLM if causal_lm else AutoModel
-    return auto.from_config(config).eval()
 
 
 def output(model, inputs) -> torch.Tensor:
@@ -36,20 +22,7 @@ def output(model, inputs) -> torch.Tensor:
         return model(**inputs)[0]
 
 
-def gated_params_saved(model) -> int:
-    """Σ over blocks of (gate + up + down parameters) − (d·d + merged bias), from the modules themselves."""
-    saved = 0
-    for block in hlc.find_mlp_blocks(model):
-        owner = model.get_submodule(block.name)
-        parts = {owner.get_submodule(p) for p in (block.layout.fc1, block.layout.gate, block.layout.fc2)}
-        before = sum(p.numel() for m in parts for p in m.parameters(recurse=False))
-        down = owner.get_submodule(block.layout.fc2)
-        has_bias = any(m.bias is not None for m in parts)
-        saved += before - (down.out_features * down.out_features + (down.out_features if has_bias else 0))
-    return saved
-
-
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", GATED_ARCHS)
 def test_inject_collapse_reload_exact(name, tmp_path):
     model = gated_model(name)
     inputs = dummy_inputs(model)

@@ -11,7 +11,19 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_inputs, max_abs_diff, max_rel_diff, num_params, outputs, saved_per_block, set_alphas
+from conftest import (
+    logits,
+    make_inputs,
+    max_abs_diff,
+    max_rel_diff,
+    no_peft_left,
+    num_params,
+    outputs,
+    random_lora,
+    saved_per_block,
+    set_alphas,
+    trainable_kinds,
+)
 from peft import (
     AutoPeftModelForSequenceClassification,
     IA3Config,
@@ -22,7 +34,6 @@ from peft import (
     get_peft_model,
 )
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from tiny_models import D, H, tiny_model
 from transformers import (
@@ -49,11 +60,6 @@ LORA_TARGETS = {
 BIAS = {"bert": True, "gpt2": True, "t5": False}
 
 
-def random_lora(targets: list[str], **kwargs) -> LoraConfig:
-    """LoRA whose B is not zero (init_lora_weights=False), so that it changes the outputs from the start."""
-    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kwargs)
-
-
 def bert_classifier(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=50, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
@@ -64,27 +70,6 @@ def bert_classifier(seed: int = 0) -> BertForSequenceClassification:
 def classification_batch() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     return {"input_ids": torch.randint(1, 50, (4, 7), generator=generator)}
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def trainable_kinds(model) -> dict[str, int]:
-    """Trainable parameter count per kind: LoRA, α, fully trained modules (modules_to_save), other (base)."""
-    kinds = {"lora": 0, "alpha": 0, "saved_module": 0, "base": 0}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        kind = ("lora" if ".lora_" in name else "alpha" if "layercollapse_alpha" in name
-                else "saved_module" if ".modules_to_save." in name else "base")
-        kinds[kind] += param.numel()
-    return kinds
-
-
-def no_peft_left(model) -> bool:
-    return not any(isinstance(m, BaseTunerLayer) for m in model.modules()) and not hasattr(model, "peft_config")
 
 
 # ------------------------------------------------------------------------------------------- registration
@@ -146,7 +131,8 @@ def test_get_peft_model_then_merge_and_unload_equals_collapse_model(name, tmp_pa
     peft_model = get_peft_model(model, hlc.LayerCollapseConfig())
     assert max_abs_diff(outputs(peft_model, inputs), before) == 0.0  # blend at α = 0 is the original model
     kinds = trainable_kinds(peft_model)
-    assert kinds == {"lora": 0, "alpha": len(hlc.injected_activations(peft_model)), "saved_module": 0, "base": 0}
+    blocks = len(hlc.injected_activations(peft_model))
+    assert kinds == {"lora": 0, "alpha": blocks, "gate_constant": 0, "saved_module": 0, "base": 0}
     alphas = (1.0, 0.6) if name != "t5" else (1.0, 0.6, 1.0, 0.2)  # collapse only those within τ = 0.05
     set_alphas(peft_model, *alphas)
     wrapped = outputs(peft_model, inputs)
@@ -191,7 +177,8 @@ def test_peft_save_and_load_keep_alpha_and_head(tmp_path):
     model = bert_classifier()
     batch = classification_batch()
     peft_model = get_peft_model(model, hlc.LayerCollapseConfig(layers_to_transform=[-1], task_type="SEQ_CLS"))
-    assert trainable_kinds(peft_model) == {"lora": 0, "alpha": 1, "saved_module": 2 * D + 2, "base": 0}
+    head = {"lora": 0, "alpha": 1, "gate_constant": 0, "saved_module": 2 * D + 2, "base": 0}
+    assert trainable_kinds(peft_model) == head
     set_alphas(peft_model, 0.37)
     with torch.no_grad():  # a "trained" head: PEFT saves it through modules_to_save
         peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
@@ -209,7 +196,7 @@ def test_peft_save_and_load_keep_alpha_and_head(tmp_path):
     assert max_abs_diff([logits(loaded, batch)], [expected]) == 0.0
     assert not any(p.requires_grad for p in loaded.parameters())  # inference by default, as for any adapter
     trainable = PeftModel.from_pretrained(bert_classifier(), tmp_path, is_trainable=True)
-    assert trainable_kinds(trainable) == {"lora": 0, "alpha": 1, "saved_module": 2 * D + 2, "base": 0}
+    assert trainable_kinds(trainable) == head
     on_meta_first = PeftModel.from_pretrained(bert_classifier(), tmp_path, low_cpu_mem_usage=True)
     assert max_abs_diff([logits(on_meta_first, batch)], [expected]) == 0.0
 
@@ -363,8 +350,6 @@ def test_peft_on_a_model_prepared_by_get_collapse_model_or_without_blocks_is_ref
     hlc.get_collapse_model(model)
     with pytest.raises(ValueError, match=r"either get_collapse_model.*or the PEFT adapter"):
         get_peft_model(model, hlc.LayerCollapseConfig())
-    with pytest.raises(ValueError, match="gated MLP blocks"):
-        get_peft_model(tiny_model("llama"), hlc.LayerCollapseConfig())
     with pytest.raises(ValueError, match="does not add LoRA layers"):
         hlc.get_collapse_model(tiny_model("bert"), hlc.LayerCollapseConfig(lora_config={"target_modules": ["query"]}))
 

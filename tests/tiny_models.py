@@ -8,7 +8,7 @@ architectures (T5 has none, GPT-2 uses ``Conv1D``).
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 D, H, LAYERS, HEADS, VOCAB = 32, 64, 2, 4, 99
 
@@ -70,3 +70,18 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A tiny ``AutoModel`` of architecture ``name`` with seeded random weights, in eval mode."""
     torch.manual_seed(seed)
     return AutoModel.from_config(tiny_config(name)).eval()
+
+
+#: Gated architectures of the gated tests: the three of the grid, and Qwen2, Gemma and Phi-3 (fused gate_up_proj).
+GATED_ARCHS = ["llama", "mistral", "t5-gated", "qwen2", "gemma", "phi3"]
+_GATED_EXTRA = {"qwen2": {}, "gemma": {"head_dim": 8}, "phi3": {"pad_token_id": 0}}
+
+
+def gated_model(name: str, causal_lm: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A tiny gated model of :data:`GATED_ARCHS` (``AutoModel``, or ``AutoModelForCausalLM`` with ``causal_lm``)."""
+    if name in GATED and not causal_lm:
+        return tiny_model(name, seed)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(name, **TEXT, num_key_value_heads=HEADS, **_GATED_EXTRA.get(name, {}))
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    return auto.from_config(config).eval()
