@@ -239,9 +239,13 @@ class LayerCollapseTrainerMixin:
 
     # ---------------------------------------------------------------------------------------------- optimizer
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        alphas = {id(act.alpha) for act in injected_activations(model).values()}
+        """Everything ``Trainer`` decays except α and the gate constants c (decay would pull α away from 1 and c
+        towards a zero gate)."""
+        acts = injected_activations(model).values()
+        exempt = {id(act.alpha) for act in acts} | {id(act.gate_constant) for act in acts
+                                                   if getattr(act, "gate_constant", None) is not None}
         return [n for n in super().get_decay_parameter_names(model)
-                if id(model.get_parameter(n)) not in alphas]
+                if id(model.get_parameter(n)) not in exempt]
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()

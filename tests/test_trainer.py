@@ -128,6 +128,18 @@ def test_alpha_has_its_own_learning_rate_and_no_weight_decay(tmp_path):
     assert any(name.endswith("intermediate.dense.weight") for name in decay_names)
 
 
+def test_gate_constants_get_no_weight_decay(tmp_path):
+    from tiny_models import gated_model
+
+    model = hlc.get_collapse_model(gated_model("llama", causal_lm=True))
+    trainer = hlc.LayerCollapseTrainer(model=model, args=training_args(tmp_path, weight_decay=0.1),
+                                       train_dataset=lm_data())
+    decay_names = trainer.get_decay_parameter_names(model)
+    assert any(name.endswith("mlp.up_proj.weight") for name in decay_names)
+    assert not any(name.endswith((".gate_constant", ".alpha")) for name in decay_names)
+    assert sum(name.endswith(".gate_constant") for name, _ in model.named_parameters()) == 2
+
+
 @pytest.mark.parametrize("schedule, expected", [
     ("constant", [2.0, 2.0, 2.0, 2.0]),
     ("linear", [0.0, 1.0, 2.0, 2.0]),
@@ -290,13 +302,15 @@ def _alpha_trajectory(path: Path) -> list[list[float]]:
     return [[v for k, v in sorted(entry.items()) if k.startswith("alpha/")] for entry in logs]
 
 
-def test_two_processes_under_accelerate_launch_match_one_process(tmp_path):
+@pytest.mark.parametrize("progressive_steps", [0, 2], ids=["all-blocks", "progressive"])
+def test_two_processes_under_accelerate_launch_match_one_process(tmp_path, progressive_steps):
     single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
-    subprocess.run([sys.executable, str(SCRIPT), str(single), "--per_device_batch", "8"], check=True,
+    schedule = ["--progressive_steps", str(progressive_steps)]
+    subprocess.run([sys.executable, str(SCRIPT), str(single), "--per_device_batch", "8", *schedule], check=True,
                    capture_output=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29517", str(SCRIPT), str(ddp), "--per_device_batch", "4"]
+              "29517", str(SCRIPT), str(ddp), "--per_device_batch", "4", *schedule]
     # pytest's own variables in the environment make the gloo workers abort at exit ("terminate called without
     # an active exception"); the launch must look like a user's
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
@@ -304,7 +318,10 @@ def test_two_processes_under_accelerate_launch_match_one_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(ddp.read_text())["world_size"] == 2
     expected, got = _alpha_trajectory(single), _alpha_trajectory(ddp)
-    assert len(expected) == 4 and expected[-1][0] > 0.3
+    assert len(expected) == 4 and expected[-1][0] > (0.2 if progressive_steps else 0.3)
+    if progressive_steps:  # α used by each step's forward: layer.1 (deepest) moves in steps 1-2, then held at 1;
+        assert [step[1] for step in expected[2:]] == [1.0, 1.0]  # layer.0 held at 0 until its stage (steps 3-4)
+        assert expected[1][1] > 0 and expected[2][0] == 0.0
     assert len(got) == len(expected)
     for got_step, expected_step in zip(got, expected):
         assert got_step == pytest.approx(expected_step, abs=1e-6)

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fsdp", default="")
+    parser.add_argument("--progressive_steps", type=int, default=0)
     args = parser.parse_args()
     logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -46,7 +47,8 @@ def main() -> None:
         fsdp_config={"use_orig_params": True, "min_num_params": 0} if args.fsdp else None,
     )
     trainer = hlc.LayerCollapseTrainer(model=model, args=training, train_dataset=data,
-                                       collapse_args=hlc.CollapseArguments(alpha_learning_rate=0.3))
+                                       collapse_args=hlc.CollapseArguments(alpha_learning_rate=0.3,
+                                                                           progressive_steps=args.progressive_steps))
     trainer.train()
     if trainer.is_world_process_zero():
         logs = [{k: v for k, v in entry.items() if k.startswith("alpha/") or k in ("loss", "reg_loss", "step")}
