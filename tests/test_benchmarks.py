@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
     ("trainer_overhead.py", "ratio (ours / plain)"),
     ("load_memory.py", "load collapsed last 6"),
     ("quality.py", "planner (data-aware)"),
+    ("generation.py", "LayerCollapse (progressive)"),
 ])
 def test_benchmark_quick_mode(script, expected):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True,
