@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
     ("trainer_overhead.py", "ratio (ours / plain)"),
     ("load_memory.py", "load collapsed last 6"),
     ("quality.py", "planner (data-aware)"),
+    ("gated_perplexity.py", "collapse cost after training"),
     ("generation.py", "LayerCollapse (progressive)"),
 ])
 def test_benchmark_quick_mode(script, expected):
