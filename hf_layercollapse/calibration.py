@@ -168,5 +168,6 @@ def gate_means(model: nn.Module, blocks: list[MLPBlock], calibration_data=None,
     missing = [b.name for b in blocks if not counts.get(b.name)]
     if missing:
         raise ValueError(f"The calibration data never reached the gated blocks {missing}.")
-    dtype = model.get_submodule(blocks[0].path("fc2")).weight.dtype
+    weight = model.get_submodule(blocks[0].path("fc2")).weight
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32  # quantised weights (4-bit, int8)
     return {name: (sums[name] / counts[name]).to(dtype) for name in sums}

@@ -79,7 +79,7 @@ class CollapseArguments:
     progressive_order: str = field(
         default="deepest_first",
         metadata={"help": "Order of the progressive stages: 'deepest_first' (the paper's), 'shallowest_first', or "
-                          "comma-separated block names (as listed by hf-layercollapse inspect)."},
+                          "comma-separated block names (the keys of hf_layercollapse.injected_activations(model))."},
     )
 
     def __post_init__(self) -> None:
@@ -98,6 +98,9 @@ class CollapseArguments:
                              f"{self.progressive_start!r} must be >= 0.")
         if not self.progressive_order.strip():
             raise ValueError("progressive_order is empty: use 'deepest_first', 'shallowest_first' or block names.")
+        if not self.progressive_steps and (self.progressive_start or self.progressive_order != "deepest_first"):
+            raise ValueError("progressive_start and progressive_order need progressive_steps > 0 (the length of "
+                             "each block's stage).")
 
 
 class _ClampAlphaCallback(TrainerCallback):
@@ -117,34 +120,38 @@ class ProgressiveSchedule(TrainerCallback):
 
     Block ``i`` of the order is regularised alone during optimizer steps ``start + i·S + 1 … start + (i+1)·S``;
     when its stage ends its α is set to exactly 1 and held (the block is linear: collapsed in effect, merged by
-    ``collapse_model`` later). Blocks whose stage has not begun keep α at its value when training started. Held
-    α get no gradient, so the optimizer leaves them (and their state) alone. The change happens in
-    ``on_optimizer_step``: every callback's ``on_step_end`` at step ``start + k·S`` sees k blocks at α = 1.
-    Injected blocks left out of a named order are held at their initial α throughout.
+    ``collapse_model`` later). Blocks whose stage has not begun keep α (and a gated block's ``c``) at their values
+    when training started. Held parameters get no gradient — also not in gradient clipping — so the optimizer
+    leaves them and their state alone. The change happens in ``on_optimizer_step``: every callback's
+    ``on_step_end`` at step ``start + k·S`` sees k blocks at α = 1. Injected blocks left out of a named order are
+    held at their initial α throughout.
     """
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.args = trainer.collapse_args
-        acts = injected_activations(trainer.model)
-        self.blocks = self._ordered_blocks(acts)
-        scheduled = {id(act) for _, act in self.blocks}
-        self.unscheduled = [act for act in acts.values() if id(act) not in scheduled]  # held, never collapsed
-        self.initial: list[torch.Tensor] = []
+        self.names = self._ordered_names(list(injected_activations(trainer.model)))
+        self._resolve(trainer.model)
 
-    def _ordered_blocks(self, acts: dict) -> list[tuple[str, CollapsibleActivation]]:
+    def _ordered_names(self, available: list[str]) -> list[str]:
         order = self.args.progressive_order.strip()
         if order in ("deepest_first", "shallowest_first"):
-            names = list(acts)[::-1] if order == "deepest_first" else list(acts)
-        else:
-            names = [n.strip() for n in order.split(",") if n.strip()]
-            unknown = [n for n in names if n not in acts]
-            if unknown or len(set(names)) != len(names):
-                raise ValueError(
-                    f"progressive_order names {unknown or 'a block twice'}: give each injected block at most once, "
-                    f"from {list(acts)}, or 'deepest_first' / 'shallowest_first'."
-                )
-        return [(n, acts[n]) for n in names]
+            return available[::-1] if order == "deepest_first" else available
+        names = [n.strip() for n in order.split(",") if n.strip()]
+        unknown = [n for n in names if n not in available]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(
+                f"progressive_order names {unknown or 'a block twice'}: give each injected block at most once, "
+                f"from {available}, or 'deepest_first' / 'shallowest_first'."
+            )
+        return names
+
+    def _resolve(self, model: nn.Module) -> None:
+        """Bind the schedule to ``model``'s activations (again at train begin: ``model_init`` builds a new model)."""
+        acts = injected_activations(model)
+        self.blocks = [acts[n] for n in self.names]
+        self.unscheduled = [act for name, act in acts.items() if name not in self.names]  # held, never collapsed
+        self.initial: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def finished(self, step: int) -> int:
         """How many blocks are linear (held at α = 1) after ``step`` optimizer steps."""
@@ -155,12 +162,13 @@ class ProgressiveSchedule(TrainerCallback):
         """The block regularised during optimizer step ``step + 1`` (None before the first and after the last stage)."""
         if step < self.args.progressive_start or self.finished(step) >= len(self.blocks):
             return None
-        return self.blocks[self.finished(step)][1]
+        return self.blocks[self.finished(step)]
 
     def _all(self) -> list[CollapsibleActivation]:
-        return [act for _, act in self.blocks] + self.unscheduled
+        return self.blocks + self.unscheduled
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._resolve(self.trainer.model)
         end = self.args.progressive_start + len(self.blocks) * self.args.progressive_steps
         if state.max_steps and end > state.max_steps:
             logger.warning(
@@ -168,17 +176,36 @@ class ProgressiveSchedule(TrainerCallback):
                 "(max_steps %d): the last blocks will not reach α = 1. Train longer or shorten progressive_steps.",
                 len(self.blocks), self.args.progressive_steps, self.args.progressive_start, end, state.max_steps,
             )
-        self.initial = [act.alpha.detach().clone() for act in self._all()]
+        self.initial = [(act.alpha.detach().clone(), _gate(act)) for act in self._all()]
         self._hold(state.global_step)
 
+    def drop_held_gradients(self, step: int) -> None:
+        """Clear the gradients of held α (and of ``c`` of blocks whose stage has not begun) for optimizer step
+        ``step + 1``."""
+        finished, active = self.finished(step), self.active(step)
+        for i, act in enumerate(self._all()):
+            if act is active:
+                continue
+            act.alpha.grad = None
+            if i >= finished and _gate(act) is not None:  # a linear block's c is part of its map: it trains
+                act.gate_constant.grad = None
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        active = self.active(state.global_step)
-        for act in self._all():
-            if act is not active:
-                act.alpha.grad = None
+        self.drop_held_gradients(state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self._hold(state.global_step + 1)
+        step = state.global_step + 1
+        active = self.active(state.global_step)
+        if active is not None and self.finished(step) > self.finished(state.global_step):
+            alpha = active.alpha_value
+            if abs(1.0 - alpha) > self.trainer.collapse_args.threshold:
+                name = self.names[self.blocks.index(active)]
+                logger.warning(
+                    "progressive schedule: %s ends its stage at α = %.3f, outside the threshold; it is set to 1 now. "
+                    "Longer stages, a larger reg_weight or alpha_learning_rate let α get there by training.",
+                    name, alpha,
+                )
+        self._hold(step)
 
     def _hold(self, step: int) -> None:
         finished, active = self.finished(step), self.active(step)
@@ -187,7 +214,15 @@ class ProgressiveSchedule(TrainerCallback):
                 if i < finished:
                     act.alpha.fill_(1.0)
                 elif act is not active:
-                    act.alpha.copy_(self.initial[i])
+                    alpha, gate = self.initial[i]
+                    act.alpha.copy_(alpha)
+                    if gate is not None:
+                        act.gate_constant.copy_(gate)
+
+
+def _gate(act: CollapsibleActivation) -> torch.Tensor | None:
+    gate = getattr(act, "gate_constant", None)
+    return None if gate is None else gate.detach().clone()
 
 
 class LayerCollapseTrainerMixin:
@@ -223,6 +258,9 @@ class LayerCollapseTrainerMixin:
             self.add_callback(_ClampAlphaCallback(self))
         self.progressive: ProgressiveSchedule | None = None
         if self.collapse_args.progressive_steps:
+            if self.is_deepspeed_enabled:
+                raise ValueError("progressive_steps is not supported with DeepSpeed (it partitions α, so α cannot be "
+                                 "held); use DDP or FSDP, or train all blocks at once (progressive_steps=0).")
             self.progressive = ProgressiveSchedule(self)
             self.add_callback(self.progressive)
 
@@ -257,6 +295,11 @@ class LayerCollapseTrainerMixin:
                 group["params"] = [p for p in group["params"] if id(p) not in ids]
             optimizer.add_param_group({"params": alphas, "lr": lr, "weight_decay": 0.0})
         return optimizer
+
+    def _clip_grad_norm(self, model):
+        if self.progressive is not None:  # held parameters take no part in the clipping norm either
+            self.progressive.drop_held_gradients(self.state.global_step)
+        return super()._clip_grad_norm(model)
 
     # ------------------------------------------------------------------------------------------------- loss
     def _count_items(self, inputs: dict) -> torch.Tensor | None:

@@ -404,6 +404,39 @@ def test_progressive_order_by_name_and_its_errors(tmp_path, caplog):
         progressive_run(tmp_path / "c", hlc.CollapseArguments(progressive_steps=1, progressive_order="encoder.x"))
     with pytest.raises(ValueError, match="progressive_steps"):
         hlc.CollapseArguments(progressive_steps=-1)
+    with pytest.raises(ValueError, match="need progressive_steps > 0"):
+        hlc.CollapseArguments(progressive_start=10)
+
+
+def test_progressive_schedule_leaves_held_parameters_and_their_optimizer_state_alone(tmp_path, caplog):
+    """A gated model: α and c of a block whose stage has not begun get no gradient (not even in clipping), so Adam
+    keeps no state for them; a finished block's c keeps training (it is part of the linear map)."""
+    from tiny_models import gated_model
+
+    model = hlc.get_collapse_model(gated_model("llama", causal_lm=True))  # 2 gated blocks
+    deep, shallow = list(hlc.injected_activations(model).values())[::-1]
+    args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=4, optim="adamw_torch",
+                         learning_rate=1e-2, max_grad_norm=1.0)
+    trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=lm_data(),
+                                       collapse_args=hlc.CollapseArguments(progressive_steps=2))
+    with caplog.at_level(logging.WARNING, logger="hf_layercollapse.trainer"):
+        trainer.train()  # steps 1-2: deep block's stage; step 3: shallow block's stage begins
+    state = trainer.optimizer.state
+    assert state[deep.alpha]["step"] == 2 and state[deep.gate_constant]["step"] == 3
+    assert state[shallow.alpha]["step"] == 1 and state[shallow.gate_constant]["step"] == 1
+    assert deep.alpha_value == 1.0 and shallow.alpha_value > 0
+    assert "ends its stage at α = 0.0" in caplog.text  # 2 steps of lr 1e-2 cannot get α near 1: the warning says so
+
+
+def test_progressive_schedule_follows_model_init(tmp_path):
+    def model_init():
+        return hlc.get_collapse_model(bert_classifier_3_blocks())
+
+    args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=4)
+    trainer = hlc.LayerCollapseTrainer(model_init=model_init, args=args, train_dataset=classification_data(),
+                                       collapse_args=hlc.CollapseArguments(progressive_steps=1))
+    trainer.train()
+    assert [a.alpha_value for a in hlc.injected_activations(trainer.model).values()] == [0.0, 1.0, 1.0]
 
 
 def test_progressive_schedule_resumes_exactly(tmp_path):
@@ -414,7 +447,8 @@ def test_progressive_schedule_resumes_exactly(tmp_path):
     collapse_args = hlc.CollapseArguments(progressive_steps=2, alpha_learning_rate=0.1)
 
     def run(out, resume=None, callbacks=None):
-        model = hlc.get_collapse_model(bert_classifier_3_blocks(), hlc.LayerCollapseConfig(reg_weight=1.0))
+        config = hlc.LayerCollapseConfig(reg_weight=1.0, init_alpha=0.25)  # blocks before their stage stay at 0.25
+        model = hlc.get_collapse_model(bert_classifier_3_blocks(), config)
         args = training_args(out, max_steps=6, per_device_train_batch_size=4, optim="adamw_torch",
                              learning_rate=1e-2, save_strategy="steps", save_steps=3)
         trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=classification_data(),
