@@ -1,18 +1,26 @@
 """Quality vs compression on the real all-MiniLM-L6-v2 and binary tweet sentiment: LayerCollapse vs baselines.
 
-    python benchmarks/quality.py --seeds 0 1 2       # full run (about 40 minutes per seed on 2 CPU cores)
+    python benchmarks/quality.py --seeds 0 1 2       # full run (about 25 minutes per seed on one CPU core)
     python benchmarks/quality.py --quick             # CI smoke run: a few steps, tiny eval (not results)
 
-Every method gets the same training budget: ``--warmup_steps`` of plain fine-tuning plus ``--stage_steps`` for
-each of the 6 MLP blocks (batch 32, sequence 64, AdamW lr 1e-4).
+Seeds can run in separate processes and be merged (the result files record every run's command):
 
-* LayerCollapse (``blend``, ours; ``prelu``, the paper's activation), progressive as in the paper: fine-tune,
-  then for k = 1..6 make the deepest remaining block collapsible, fine-tune ``--stage_steps`` with the
-  regulariser (α learning rate ``--alpha_lr``), collapse it and evaluate with k blocks collapsed.
-* Baselines on the plainly fine-tuned model (the whole budget, no further training), for each k:
-  naive linearisation of the last k blocks (W2·W1), the calibration planner with data-aware merging
-  (``plan_collapse``, 256 training tweets), dropping the last k MLPs outright, and magnitude width-pruning of
-  the last k MLPs to the parameter count of their collapsed form.
+    python benchmarks/quality.py --seeds 0 --name quality_s0 & python benchmarks/quality.py --seeds 1 --name quality_s1
+    python benchmarks/quality.py --merge quality_s0 quality_s1      # writes results/quality.{json,md,png}
+
+Every method at k collapsed blocks has had exactly the same training: the same optimizer steps, data order, batch
+32 (grouped by length), AdamW lr 1e-4 with linear decay over ``--warmup_steps + 6·--stage_steps +
+--recovery_steps`` steps. Checkpoint k is the step ``warmup + k·stage`` (k = 0…5) and the last step (k = 6).
+
+* LayerCollapse (``blend``, ours; ``prelu``, the paper's activation): ONE ``LayerCollapseTrainer`` run with the
+  progressive schedule (``CollapseArguments.progressive_steps``): every block is injected, the deepest block is
+  regularised alone for a stage and then held linear, then the next; at checkpoint k a copy with the k finished
+  blocks collapsed (``collapse_model``) is evaluated. The recovery steps adapt the all-linear model.
+* Plain fine-tuning: one ``Trainer`` run with the same schedule; at checkpoint k the uncompressed model is evaluated
+  (the reference at equal training) and, on copies of it, the baselines for the last k blocks: naive
+  linearisation (W2·W1), the calibration planner with data-aware merging (``plan_collapse`` on 256 training tweets,
+  its k cheapest blocks), dropping the MLPs outright, and magnitude width-pruning of the MLPs to the parameter
+  count of their collapsed form.
 Writes results/quality.{json,md} and results/quality.png (accuracy against parameters removed).
 """
 
@@ -28,7 +36,14 @@ import time
 import torch
 from common import RESULTS, environment, markdown_table
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.utils import logging
 
 import hf_layercollapse as hlc
@@ -41,33 +56,62 @@ def encode(tokenizer, split, limit: int | None) -> list[dict]:
     texts, labels = list(split["text"]), list(split["label"])
     if limit:
         texts, labels = texts[:limit], labels[:limit]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=64)
-    return [{"input_ids": torch.tensor(i), "attention_mask": torch.tensor(m), "labels": torch.tensor(y)}
+    enc = tokenizer(texts, truncation=True, max_length=64)
+    return [{"input_ids": i, "attention_mask": m, "labels": y}
             for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
 
 
 @torch.no_grad()
-def accuracy(model, data: list[dict]) -> float:
+def accuracy(model, batches: list[dict]) -> float:
     model.eval()
-    correct = 0
-    for i in range(0, len(data), 128):
-        batch = data[i:i + 128]
-        logits = model(input_ids=torch.stack([b["input_ids"] for b in batch]),
-                       attention_mask=torch.stack([b["attention_mask"] for b in batch])).logits
-        correct += int((logits.argmax(-1) == torch.stack([b["labels"] for b in batch])).sum())
-    return correct / len(data)
+    correct = total = 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        total += len(batch["labels"])
+    return correct / total
+
+
+def length_batches(collator, data: list[dict], size: int) -> list[dict]:
+    """Padded batches of examples sorted by length (evaluation and calibration: less padding, same result)."""
+    ordered = sorted(data, key=lambda r: len(r["input_ids"]))
+    return [collator(ordered[i:i + size]) for i in range(0, len(ordered), size)]
 
 
 def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train(model, data, steps: int, seed: int, trainer_cls=Trainer, **kwargs):
-    args = TrainingArguments(tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=32, learning_rate=1e-4,
-                             weight_decay=0.01, report_to=[], save_strategy="no", disable_tqdm=True, seed=seed,
-                             data_seed=seed, use_cpu=True, logging_steps=max(steps, 1))
-    trainer_cls(model=model, args=args, train_dataset=data, **kwargs).train()
+def train(model, data, collator, args, seed: int, callback: TrainerCallback, trainer_cls=Trainer, **kwargs):
+    steps = args.warmup_steps + NUM_BLOCKS * args.stage_steps + args.recovery_steps
+    training = TrainingArguments(tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=32,
+                                 learning_rate=1e-4, weight_decay=0.01, report_to=[], save_strategy="no",
+                                 disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=True, logging_steps=steps,
+                                 train_sampling_strategy="group_by_length")
+    trainer_cls(model=model, args=training, train_dataset=data, data_collator=collator, callbacks=[callback],
+                **kwargs).train()
     return model
+
+
+class AtCheckpoints(TrainerCallback):
+    """Calls ``measure(model, k)`` at checkpoint k: step warmup + k·stage (k < 6) and the last step (k = 6)."""
+
+    def __init__(self, model, args, measure) -> None:
+        self.model, self.measure = model, measure
+        self.steps = {args.warmup_steps + k * args.stage_steps: k for k in range(NUM_BLOCKS)}
+        self.steps[args.warmup_steps + NUM_BLOCKS * args.stage_steps + args.recovery_steps] = NUM_BLOCKS
+        self.stage_ends = {args.warmup_steps + k * args.stage_steps: k for k in range(1, NUM_BLOCKS + 1)}
+        self.alpha_before_hold: dict[int, float] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        k = self.stage_ends.get(state.global_step + 1)  # the next step ends stage k: α of its block before the hold
+        acts = list(hlc.injected_activations(self.model).values())[::-1]
+        if k and acts:
+            self.alpha_before_hold[k] = acts[k - 1].alpha_value
+        if state.global_step in self.steps:
+            was_training = self.model.training
+            self.measure(self.model, self.steps[state.global_step])
+            self.model.train(was_training)
 
 
 def mlp_blocks(model) -> list:
@@ -119,37 +163,47 @@ def naive(model, k: int) -> None:
     hlc.collapse_model(model)
 
 
-def layercollapse(base, train_data, test, args, seed: int, activation: str) -> list[dict]:
-    model = train(copy.deepcopy(base), train_data, args.warmup_steps, seed)
-    method = f"layercollapse-{activation}"
-    rows = [{"method": method, "k": 0, "accuracy": accuracy(model, test), "params": params(model)}]
-    collapse_args = hlc.CollapseArguments(alpha_learning_rate=args.alpha_lr, reg_weight=args.reg_weight)
-    for k in range(1, NUM_BLOCKS + 1):
-        hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=[-1], activation=activation))
-        train(model, train_data, args.stage_steps, seed + k, hlc.LayerCollapseTrainer, collapse_args=collapse_args)
-        alpha = next(iter(hlc.injected_activations(model).values())).alpha_value
-        hlc.collapse_model(model, blocks=list(hlc.injected_activations(model)), force=True)
-        rows.append({"method": f"layercollapse-{activation}", "k": k, "accuracy": accuracy(model, test),
-                     "params": params(model), "alpha_at_collapse": alpha})
+def layercollapse(base, train_data, collator, test, args, seed: int, activation: str) -> list[dict]:
+    model = hlc.get_collapse_model(copy.deepcopy(base), hlc.LayerCollapseConfig(activation=activation))
+    method, rows = f"layercollapse-{activation}", []
+
+    def measure(model, k: int) -> None:
+        clone = copy.deepcopy(model)
+        if k:  # the k deepest blocks finished their stages: α = 1 exactly
+            hlc.collapse_model(clone, blocks=list(hlc.injected_activations(clone))[::-1][:k])
+        rows.append({"method": method, "k": k, "seed": seed, "accuracy": accuracy(clone, test),
+                     "params": params(clone), "alpha_before_hold": callback.alpha_before_hold.get(k)})
+        print(rows[-1], flush=True)
+
+    callback = AtCheckpoints(model, args, measure)
+    collapse_args = hlc.CollapseArguments(alpha_learning_rate=args.alpha_lr, reg_weight=args.reg_weight,
+                                          progressive_steps=args.stage_steps, progressive_start=args.warmup_steps)
+    train(model, train_data, collator, args, seed, callback, hlc.LayerCollapseTrainer, collapse_args=collapse_args)
     return rows
 
 
-def baselines(base, train_data, test, calibration, args, seed: int) -> list[dict]:
-    model = train(copy.deepcopy(base), train_data, args.warmup_steps + NUM_BLOCKS * args.stage_steps, seed)
-    rows = [{"method": "plain fine-tuning", "k": 0, "accuracy": accuracy(model, test), "params": params(model)}]
-    full_plan = hlc.plan_collapse(model, calibration, num_blocks=NUM_BLOCKS, show_progress=False)
-    ranked = sorted(full_plan.candidates, key=lambda c: c.cost)
-    for k in range(1, NUM_BLOCKS + 1):
-        for name, method in (("naive linearise", naive), ("drop MLP", drop_mlps), ("width prune", width_prune)):
-            clone = copy.deepcopy(model)
-            method(clone, k)
-            rows.append({"method": name, "k": k, "accuracy": accuracy(clone, test), "params": params(clone)})
-        clone = copy.deepcopy(model)  # the planner's k cheapest blocks (costs measured once, one block at a time)
-        plan = hlc.CollapsePlan(ranked[:k], full_plan.candidates, full_plan.objective, full_plan.baseline, 0.0,
-                                full_plan.params_total)
-        hlc.collapse_model(clone, plan=plan)
-        rows.append({"method": "planner (data-aware)", "k": k, "accuracy": accuracy(clone, test),
-                     "params": params(clone)})
+def baselines(base, train_data, collator, test, calibration, args, seed: int) -> list[dict]:
+    rows = []
+
+    def measure(model, k: int) -> None:
+        new = [{"method": "plain fine-tuning", "k": k, "accuracy": accuracy(model, test), "params": params(model)}]
+        if k:
+            for name, method in (("naive linearise", naive), ("drop MLP", drop_mlps), ("width prune", width_prune)):
+                clone = copy.deepcopy(model)
+                method(clone, k)
+                new.append({"method": name, "k": k, "accuracy": accuracy(clone, test), "params": params(clone)})
+            clone = copy.deepcopy(model).eval()
+            plan = hlc.plan_collapse(clone, calibration, num_blocks=k, show_progress=False)
+            hlc.collapse_model(clone, plan=plan)
+            new.append({"method": "planner (data-aware)", "k": k, "accuracy": accuracy(clone, test),
+                        "params": params(clone)})
+        for row in new:
+            row["seed"] = seed
+            print(row, flush=True)
+        rows.extend(new)
+
+    model = copy.deepcopy(base)
+    train(model, train_data, collator, args, seed, AtCheckpoints(model, args, measure))
     return rows
 
 
@@ -162,7 +216,8 @@ def summarise(rows: list[dict], base_params: int) -> list[dict]:
         accs = [i["accuracy"] for i in items]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         out.append({"method": method, "k": k, "accuracy": f"{100 * statistics.mean(accs):.2f} ± {100 * spread:.2f}",
-                    "params removed": f"{100 * (1 - items[0]['params'] / base_params):.1f}%", "seeds": len(items)})
+                    "params removed": f"{round(100 * (1 - items[0]['params'] / base_params), 1) + 0.0:.1f}%",
+                    "seeds": len(items)})
     return out
 
 
@@ -194,48 +249,92 @@ def plot(rows: list[dict], base_params: int, path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--warmup_steps", type=int, default=100)
-    parser.add_argument("--stage_steps", type=int, default=50)
+    parser.add_argument("--warmup_steps", type=int, default=60)
+    parser.add_argument("--stage_steps", type=int, default=30)
+    parser.add_argument("--recovery_steps", type=int, default=60)
     parser.add_argument("--alpha_lr", type=float, default=0.05)
     parser.add_argument("--reg_weight", type=float, default=1.0)
     parser.add_argument("--train_size", type=int, default=None)
     parser.add_argument("--test_size", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leaves a core to other work)")
+    parser.add_argument("--methods", nargs="+", default=["baselines", "blend", "prelu"],
+                        choices=["baselines", "blend", "prelu"])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--name", default="quality", help="results/NAME.{json,md,png}")
+    parser.add_argument("--merge", nargs="+", metavar="NAME", help="merge results/NAME.json files into --name")
     args = parser.parse_args()
+    if args.merge:
+        merge(args)
+        return
     if args.quick:
-        args.warmup_steps, args.stage_steps, args.train_size, args.test_size = 1, 1, 64, 32
+        args.warmup_steps, args.stage_steps, args.recovery_steps, args.train_size, args.test_size = 1, 1, 1, 64, 32
+    torch.set_num_threads(args.threads)
     logging.disable_progress_bar()
     logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
+    collator = DataCollatorWithPadding(tokenizer)
     tweets = assets.load_tweets(binary=True, seed=0, test_size=1000)
     train_data = encode(tokenizer, tweets["train"], args.train_size)
-    test = encode(tokenizer, tweets["test"], args.test_size)
-    calibration_rows = train_data[:256] if not args.quick else train_data[:16]
-    calibration = [{k: torch.stack([r[k] for r in calibration_rows[i:i + 32]]) for k in calibration_rows[0]}
-                   for i in range(0, len(calibration_rows), 32)]
+    test = length_batches(collator, encode(tokenizer, tweets["test"], args.test_size), 128)
+    calibration = length_batches(collator, train_data[:256] if not args.quick else train_data[:16], 32)
+    calibration = [{k: v for k, v in b.items() if k != "labels"} for b in calibration]
     rows, started = [], time.time()
     for seed in args.seeds:
         torch.manual_seed(seed)
         base = AutoModelForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=2)
         base_params = params(base)
-        rows += baselines(base, train_data, test, calibration, args, seed)
+        if "baselines" in args.methods:
+            rows += baselines(base, train_data, collator, test, calibration, args, seed)
         for activation in ("blend", "prelu"):
-            rows += layercollapse(base, train_data, test, args, seed, activation)
+            if activation in args.methods:
+                rows += layercollapse(base, train_data, collator, test, args, seed, activation)
+        write(rows, base_params, args, started)  # after every seed: a long run that is stopped keeps its seeds
+
+
+def write(rows: list[dict], base_params: int, args, started: float, runs: list[dict] | None = None) -> None:
     summary = summarise(rows, base_params)
     table = markdown_table(summary, ["method", "k", "accuracy", "params removed", "seeds"])
-    print(table)
+    print(table, flush=True)
     if args.quick:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    env = {**environment(), "args": vars(args), "minutes": (time.time() - started) / 60}
-    (RESULTS / "quality.json").write_text(json.dumps({"environment": env, "rows": rows, "summary": summary},
-                                                     indent=2) + "\n")
-    plot(rows, base_params, RESULTS / "quality.png")
-    (RESULTS / "quality.md").write_text(
-        f"# Quality vs compression (all-MiniLM-L6-v2, binary tweets)\n\nCommand: `{env['command']}` "
-        f"({env['minutes']:.0f} min on {env['machine']}, {env['cpus']} CPUs). Test set: {len(test)} tweets; "
-        f"budget: {args.warmup_steps} + 6 × {args.stage_steps} steps of batch 32.\n\n{table}\n\n"
-        "![accuracy vs parameters removed](quality.png)\n")
+    seeds = sorted({r["seed"] for r in rows})
+    env = {**environment(), "args": vars(args), "seeds_done": seeds, "minutes": (time.time() - started) / 60}
+    if runs:
+        env["runs"] = runs
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"environment": env, "rows": rows, "summary": summary},
+                                                          indent=2) + "\n")
+    plot(rows, base_params, RESULTS / f"{args.name}.png")
+    steps = args.warmup_steps + NUM_BLOCKS * args.stage_steps + args.recovery_steps
+    commands = "; ".join(f"`{r['command']}` (seeds {r['seeds_done']} done, {r['minutes']:.0f} min)"
+                         for r in runs) + f", merged by `{env['command']}`" if runs else (
+        f"`{env['command']}` ({env['minutes']:.0f} min)")
+    (RESULTS / f"{args.name}.md").write_text(
+        f"# Quality vs compression (all-MiniLM-L6-v2, binary tweets)\n\nCommand: {commands} on {env['machine']}, "
+        f"{env['cpus']} CPUs, {args.threads} torch thread per run; seeds done: {seeds}. Test set: "
+        f"{args.test_size} tweets. Training: {steps} steps of batch 32 for every method; checkpoint k at step "
+        f"{args.warmup_steps} + k × {args.stage_steps} (k = 6: step {steps}); accuracy mean ± standard deviation "
+        f"over seeds.\n\n{table}\n\n![accuracy vs parameters removed]({args.name}.png)\n")
+
+
+def merge(args) -> None:
+    """Combine the rows of several runs (different seeds, same settings) into results/<--name>.*."""
+    loaded = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.merge]
+    defaults = {"methods": ["baselines", "blend", "prelu"]}  # runs from before --methods existed ran them all
+    settings = [{**defaults, **{k: v for k, v in item["environment"]["args"].items()
+                                if k not in ("seeds", "name", "merge")}} for item in loaded]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit(f"--merge: the runs used different settings: {settings}")
+    rows = [row for item in loaded for row in item["rows"]]
+    seeds = [(row["method"], row["seed"]) for item in loaded for row in item["rows"] if row["k"] == 0]
+    if len(seeds) != len(set(seeds)):
+        raise SystemExit(f"--merge: a seed appears twice: {sorted(seeds)}")
+    for key, value in settings[0].items():
+        setattr(args, key, value)
+    runs = [{"command": item["environment"]["command"], "minutes": item["environment"]["minutes"],
+             "seeds_done": item["environment"]["seeds_done"]} for item in loaded]
+    base_params = min(r["params"] for r in rows if r["k"] == 0)  # the uncompressed model (without α)
+    write(rows, base_params, args, time.time(), runs)
 
 
 if __name__ == "__main__":
