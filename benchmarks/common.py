@@ -38,3 +38,22 @@ def write_results(name: str, title: str, rows: list[dict], columns: list[str], n
         f"# {title}\n\nCommand: `{env['command']}` on {env['machine']} ({env['cpus']} CPUs, torch "
         f"{env['torch']}, transformers {env['transformers']}).\n\n{table}\n\n{notes}\n")
     return table
+
+
+def new_plot():
+    """A figure and axes for a results plot (headless backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def save_plot(fig, ax, title: str, path, legend_size: int = 8, grid: str = "major") -> None:
+    """Title, grid and legend, then write the PNG."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which=grid)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, environment, markdown_table
+from common import RESULTS, environment, markdown_table, new_plot, save_plot
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
@@ -236,13 +236,9 @@ def verdict(rows: list[dict], args) -> list[str]:
 
 
 def plot(original: float, rows: list[dict], args, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_plot()
     ks = [k for k in args.ks if k > 0]
     series = {
         "planner (no training)": [r for r in rows if r["method"] == "planner"],
@@ -264,11 +260,7 @@ def plot(original: float, rows: list[dict], args, path) -> None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xticks([0, *ks])
-    ax.set_title("SmolLM2-135M-Instruct, Shakespeare")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, ax, "SmolLM2-135M-Instruct, Shakespeare", path)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, environment, markdown_table
+from common import RESULTS, environment, markdown_table, new_plot, save_plot
 from transformers import (
     AutoTokenizer,
     GPT2Config,
@@ -242,12 +242,7 @@ def summarise(rows: list[dict], base: dict) -> list[dict]:
 
 
 def plot(rows: list[dict], base: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_plot()
     styles = {"LayerCollapse (progressive)": "o-", "naive linearisation": "s-", "planner (data-aware)": "^-",
               "plain continued training": "x--"}
     for method, style in styles.items():
@@ -272,11 +267,7 @@ def plot(rows: list[dict], base: dict, path) -> None:
     ax.set_xticks(range(max(r["k"] for r in rows) + 1))
     ax.set_xlabel("collapsed MLP blocks k (deepest first for ours and naive)")
     ax.set_ylabel("held-out perplexity (log scale)")
-    ax.set_title("GPT-2 config (from scratch), Shakespeare held-out plays")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, ax, "GPT-2 config (from scratch), Shakespeare held-out plays", path, legend_size=7, grid="both")
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, environment, markdown_table
+from common import RESULTS, environment, markdown_table, new_plot, save_plot
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
@@ -222,12 +222,7 @@ def summarise(rows: list[dict], base_params: int) -> list[dict]:
 
 
 def plot(rows: list[dict], base_params: int, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_plot()
     methods = sorted({r["method"] for r in rows})
     for method in methods:
         points = sorted({(r["k"], r["params"]) for r in rows if r["method"] == method})
@@ -239,11 +234,7 @@ def plot(rows: list[dict], base_params: int, path) -> None:
         ax.plot(xs, ys, marker="o", label=method)
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("all-MiniLM-L6-v2, binary tweet sentiment")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, ax, "all-MiniLM-L6-v2, binary tweet sentiment", path)
 
 
 def main() -> None:
