@@ -167,7 +167,7 @@ class ProgressiveSchedule(TrainerCallback):
     def _all(self) -> list[CollapsibleActivation]:
         return self.blocks + self.unscheduled
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs):
         self._resolve(self.trainer.model)
         end = self.args.progressive_start + len(self.blocks) * self.args.progressive_steps
         if state.max_steps and end > state.max_steps:
@@ -187,7 +187,7 @@ class ProgressiveSchedule(TrainerCallback):
             if act is active:
                 continue
             act.alpha.grad = None
-            if i >= finished and _gate(act) is not None:  # a linear block's c is part of its map: it trains
+            if i >= finished and getattr(act, "gate_constant", None) is not None:  # a linear block's c trains
                 act.gate_constant.grad = None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -297,7 +297,8 @@ class LayerCollapseTrainerMixin:
         return optimizer
 
     def _clip_grad_norm(self, model):
-        if self.progressive is not None:  # held parameters take no part in the clipping norm either
+        # Trainer clips before on_pre_optimizer_step: held parameters must leave the clipping norm here already
+        if self.progressive is not None:
             self.progressive.drop_held_gradients(self.state.global_step)
         return super()._clip_grad_norm(model)
 
