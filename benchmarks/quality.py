@@ -105,8 +105,8 @@ class AtCheckpoints(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         k = self.stage_ends.get(state.global_step + 1)  # the next step ends stage k: α of its block before the hold
-        acts = list(hlc.injected_activations(self.model).values())[::-1]
-        if k and acts:
+        acts = list(hlc.injected_activations(self.model).values())[::-1] if k else []
+        if acts:
             self.alpha_before_hold[k] = acts[k - 1].alpha_value
         if state.global_step in self.steps:
             was_training = self.model.training
