@@ -16,6 +16,9 @@ Every method at k collapsed blocks has had exactly the same training: the same o
   progressive schedule (``CollapseArguments.progressive_steps``): every block is injected, the deepest block is
   regularised alone for a stage and then held linear, then the next; at checkpoint k a copy with the k finished
   blocks collapsed (``collapse_model``) is evaluated. The recovery steps adapt the all-linear model.
+  ``--linear_target fitted``: the blend goes towards each channel's least-squares line fitted on the 256
+  calibration tweets instead of the identity (``LayerCollapseConfig(linear_target="fitted")``).
+  ``--order planned``: the stages follow the planner's ranking of the blocks after the warm-up steps.
 * Plain fine-tuning: one ``Trainer`` run with the same schedule; at checkpoint k the uncompressed model is evaluated
   (the reference at equal training) and, on copies of it, the baselines for the last k blocks: naive
   linearisation (W2·W1), the calibration planner with data-aware merging (``plan_collapse`` on 256 training tweets,
@@ -96,8 +99,8 @@ def train(model, data, collator, args, seed: int, callback: TrainerCallback, tra
 class AtCheckpoints(TrainerCallback):
     """Calls ``measure(model, k)`` at checkpoint k: step warmup + k·stage (k < 6) and the last step (k = 6)."""
 
-    def __init__(self, model, args, measure) -> None:
-        self.model, self.measure = model, measure
+    def __init__(self, model, args, measure, order: list[str] | None = None) -> None:
+        self.model, self.measure, self.order = model, measure, order
         self.steps = {args.warmup_steps + k * args.stage_steps: k for k in range(NUM_BLOCKS)}
         self.steps[args.warmup_steps + NUM_BLOCKS * args.stage_steps + args.recovery_steps] = NUM_BLOCKS
         self.stage_ends = {args.warmup_steps + k * args.stage_steps: k for k in range(1, NUM_BLOCKS + 1)}
@@ -105,9 +108,8 @@ class AtCheckpoints(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         k = self.stage_ends.get(state.global_step + 1)  # the next step ends stage k: α of its block before the hold
-        acts = list(hlc.injected_activations(self.model).values())[::-1] if k else []
-        if acts:
-            self.alpha_before_hold[k] = acts[k - 1].alpha_value
+        if k and self.order:
+            self.alpha_before_hold[k] = hlc.injected_activations(self.model)[self.order[k - 1]].alpha_value
         if state.global_step in self.steps:
             was_training = self.model.training
             self.measure(self.model, self.steps[state.global_step])
@@ -163,21 +165,44 @@ def naive(model, k: int) -> None:
     hlc.collapse_model(model)
 
 
-def layercollapse(base, train_data, collator, test, args, seed: int, activation: str) -> list[dict]:
-    model = hlc.get_collapse_model(copy.deepcopy(base), hlc.LayerCollapseConfig(activation=activation))
-    method, rows = f"layercollapse-{activation}", []
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+def planned_order(base, train_data, collator, calibration, args, seed: int) -> list[str]:
+    """The planner's ranking (cheapest first) of the MLP blocks after the warm-up steps: the same training as the
+    LayerCollapse run's warm-up (its blocks are held at α = 0 until then), stopped there."""
+    model = copy.deepcopy(base)
+    train(model, train_data, collator, args, seed, StopAt(args.warmup_steps))
+    plan = hlc.plan_collapse(model.eval(), calibration, num_blocks=1, show_progress=False)
+    return [c.name for c in sorted(plan.candidates, key=lambda c: c.cost)]
+
+
+def layercollapse(base, train_data, collator, test, calibration, args, seed: int, activation: str,
+                  order: list[str] | None = None) -> list[dict]:
+    fitted = activation == "blend" and args.linear_target == "fitted"
+    config = hlc.LayerCollapseConfig(activation=activation, linear_target="fitted" if fitted else "default")
+    model = hlc.get_collapse_model(copy.deepcopy(base), config, calibration_data=calibration if fitted else None)
+    method = f"layercollapse-{activation}" + ("-fitted" if fitted else "") + ("-planned" if order else "")
+    rows = []
+    order = order or list(hlc.injected_activations(model))[::-1]  # deepest first
 
     def measure(model, k: int) -> None:
         clone = copy.deepcopy(model)
-        if k:  # the k deepest blocks finished their stages: α = 1 exactly
-            hlc.collapse_model(clone, blocks=list(hlc.injected_activations(clone))[::-1][:k])
+        if k:  # the first k blocks of the order finished their stages: α = 1 exactly
+            hlc.collapse_model(clone, blocks=order[:k])
         rows.append({"method": method, "k": k, "seed": seed, "accuracy": accuracy(clone, test),
                      "params": params(clone), "alpha_before_hold": callback.alpha_before_hold.get(k)})
         print(rows[-1], flush=True)
 
-    callback = AtCheckpoints(model, args, measure)
+    callback = AtCheckpoints(model, args, measure, order)
     collapse_args = hlc.CollapseArguments(alpha_learning_rate=args.alpha_lr, reg_weight=args.reg_weight,
-                                          progressive_steps=args.stage_steps, progressive_start=args.warmup_steps)
+                                          progressive_steps=args.stage_steps, progressive_start=args.warmup_steps,
+                                          progressive_order=",".join(order))
     train(model, train_data, collator, args, seed, callback, hlc.LayerCollapseTrainer, collapse_args=collapse_args)
     return rows
 
@@ -250,6 +275,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leaves a core to other work)")
     parser.add_argument("--methods", nargs="+", default=["baselines", "blend", "prelu"],
                         choices=["baselines", "blend", "prelu"])
+    parser.add_argument("--linear_target", choices=["default", "fitted"], default="default",
+                        help="LayerCollapseConfig.linear_target of the blend runs ('fitted': per-channel lines fitted "
+                             "on the 256 calibration tweets)")
+    parser.add_argument("--order", choices=["deepest_first", "planned"], default="deepest_first",
+                        help="LayerCollapse stage order: the paper's, or the planner's ranking after the warm-up")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--name", default="quality", help="results/NAME.{json,md,png}")
     parser.add_argument("--merge", nargs="+", metavar="NAME", help="merge results/NAME.json files into --name")
@@ -276,9 +306,12 @@ def main() -> None:
         base_params = params(base)
         if "baselines" in args.methods:
             rows += baselines(base, train_data, collator, test, calibration, args, seed)
+        order = planned_order(base, train_data, collator, calibration, args, seed) if args.order == "planned" else None
+        if order:
+            print({"seed": seed, "planned order": order}, flush=True)
         for activation in ("blend", "prelu"):
             if activation in args.methods:
-                rows += layercollapse(base, train_data, collator, test, args, seed, activation)
+                rows += layercollapse(base, train_data, collator, test, calibration, args, seed, activation, order)
         write(rows, base_params, args, started)  # after every seed: a long run that is stopped keeps its seeds
 
 
@@ -311,7 +344,8 @@ def write(rows: list[dict], base_params: int, args, started: float, runs: list[d
 def merge(args) -> None:
     """Combine the rows of several runs (different seeds, same settings) into results/<--name>.*."""
     loaded = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.merge]
-    defaults = {"methods": ["baselines", "blend", "prelu"]}  # runs from before --methods existed ran them all
+    defaults = {"methods": ["baselines", "blend", "prelu"], "order": "deepest_first",  # runs from before these
+                "linear_target": "default"}  # options existed ran them all, in this order, with this target
     settings = [{**defaults, **{k: v for k, v in item["environment"]["args"].items()
                                 if k not in ("seeds", "name", "merge")}} for item in loaded]
     if any(s != settings[0] for s in settings):

@@ -18,7 +18,10 @@ class CollapsibleActivation(nn.Module):
     towards a learnable constant ``c`` (``gate_constant``, one value per intermediate channel):
     ``(1−α)·act(g) + α·c``; at α = 1 the block is ``down(c * up(x))``, one affine map.
 
-    In both modes α = 1 is the identity (plain blocks), so the block around it becomes one affine map that
+    A plain block may blend towards a fitted per-channel line instead of the identity (``line=(slope, offset)``,
+    fixed buffers; ``LayerCollapseConfig(linear_target="fitted")``): ``(1−α)·act(z) + α·(slope·z + offset)``.
+
+    In both modes α = 1 is linear (plain blocks), so the block around it becomes one affine map that
     :func:`hf_layercollapse.collapse_model` merges. ``alpha`` has shape ``(1,)`` because FSDP rejects 0-dim
     parameters. The regulariser term ``(1−α)²`` is computed inside ``forward`` (see
     :func:`hf_layercollapse.regularization_loss`), which keeps it correct under DDP, FSDP and ZeRO-3, where
@@ -28,6 +31,8 @@ class CollapsibleActivation(nn.Module):
         activation: The original activation module (kept, so ``mode="blend"`` and un-injecting are exact).
         mode: ``"blend"`` or ``"prelu"``.
         init_alpha: Initial value of α.
+        gate_constant: Gated blocks: the initial ``c``.
+        line: Plain blocks, ``mode="blend"``: ``(slope, offset)`` of the line blended towards (default: identity).
 
     Example:
         >>> import torch
@@ -42,18 +47,26 @@ class CollapsibleActivation(nn.Module):
     """
 
     def __init__(self, activation: nn.Module, mode: str = "blend", init_alpha: float = 0.0,
-                 gate_constant: torch.Tensor | None = None) -> None:
+                 gate_constant: torch.Tensor | None = None,
+                 line: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         if mode not in ACTIVATIONS:
             raise ValueError(f"mode={mode!r} is not supported: use one of {ACTIVATIONS}.")
         if gate_constant is not None and mode != "blend":
             raise ValueError(f"mode={mode!r}: the gate of a gated MLP block can only be blended towards its constant "
                              "(mode='blend').")
+        if line is not None and (mode != "blend" or gate_constant is not None):
+            raise ValueError("line=(slope, offset) is the target of a plain block's blend (mode='blend').")
         self.activation = activation
         self.mode = mode
         self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
         # gated blocks: act(gate(x)) is blended towards a learnable constant c, one value per intermediate channel
         self.gate_constant = None if gate_constant is None else nn.Parameter(gate_constant.detach().clone())
+        # plain blocks with a fitted target: fixed per-channel line slope·z + offset (saved with the model)
+        self.slope: torch.Tensor | None
+        self.offset: torch.Tensor | None
+        self.register_buffer("slope", None if line is None else line[0].detach().clone().reshape(-1))
+        self.register_buffer("offset", None if line is None else line[1].detach().clone().reshape(-1))
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None  # α seen by the latest forward (readable under FSDP)
 
@@ -67,6 +80,10 @@ class CollapsibleActivation(nn.Module):
         # torch.lerp(a, b, w) = a + w·(b − a) in one kernel, exactly a at w = 0 and exactly b at w = 1
         if self.gate_constant is not None:
             return torch.lerp(self.activation(hidden_states), self.gate_constant.to(hidden_states.dtype), alpha)
+        if self.slope is not None:
+            dtype = hidden_states.dtype
+            target = torch.addcmul(self.offset.to(dtype), self.slope.to(dtype), hidden_states)
+            return torch.lerp(self.activation(hidden_states), target, alpha)
         return torch.lerp(self.activation(hidden_states), hidden_states, alpha)
 
     def __getstate__(self) -> dict:
@@ -94,5 +111,11 @@ class CollapsibleActivation(nn.Module):
         return float(self.alpha.detach().float().reshape(-1)[0])
 
     def extra_repr(self) -> str:
-        gated = "" if self.gate_constant is None else f", gate_constant=[{self.gate_constant.numel()}]"
-        return f"mode={self.mode!r}, alpha={self.alpha_value:.4f}{gated}"
+        extra = "" if self.gate_constant is None else f", gate_constant=[{self.gate_constant.numel()}]"
+        extra += "" if self.slope is None else f", line=[{self.slope.numel()}]"
+        return f"mode={self.mode!r}, alpha={self.alpha_value:.4f}{extra}"
+
+    @property
+    def line(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(slope, offset)`` of a plain block's fitted target, or None (the identity)."""
+        return None if self.slope is None else (self.slope, self.offset)

@@ -22,8 +22,10 @@ def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def merge_projections(fc1: nn.Module, fc2: nn.Module) -> nn.Module:
-    """The single projection equal to ``fc2(fc1(x))``: ``W = W2·W1``, ``b = W2·b1 + b2``.
+def merge_projections(fc1: nn.Module, fc2: nn.Module,
+                      line: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """The single projection equal to ``fc2(fc1(x))``: ``W = W2·W1``, ``b = W2·b1 + b2``; with
+    ``line=(a, c)``, the one equal to ``fc2(a·fc1(x) + c)``: ``W = W2·diag(a)·W1``, ``b = W2·(a·b1 + c) + b2``.
 
     Computed in fp32 (or wider) and cast back to ``fc2``'s dtype; returns a ``Conv1D`` when ``fc2`` is one
     (GPT-2 family), else an ``nn.Linear``, with a bias when either projection has one.
@@ -38,6 +40,12 @@ def merge_projections(fc1: nn.Module, fc2: nn.Module) -> nn.Module:
     """
     w1, b1 = _as_linear(fc1)
     w2, b2 = _as_linear(fc2)
+    if line is not None:
+        slope, offset = (t.detach().to(w1.dtype).reshape(-1) for t in line)
+        if slope.numel() != w1.shape[0] or offset.numel() != w1.shape[0]:
+            raise ValueError(f"The line has {slope.numel()} slopes and {offset.numel()} offsets but the block has "
+                             f"{w1.shape[0]} channels.")
+        w1, b1 = slope[:, None] * w1, offset + (slope * b1 if b1 is not None else 0)
     bias = None
     if b1 is not None or b2 is not None:
         bias = (w2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
@@ -142,14 +150,16 @@ def block_costs(fc1: nn.Module, fc2: nn.Module, merged_bias: bool,
     return params_before, params_after, flops_before, 2 * d_in * d_out
 
 
-def merge_block(owner: nn.Module, layout: Layout, gate_constant: torch.Tensor | None = None) -> nn.Module:
-    """The merged projection of a block whose activation is linear (plain) or whose gate is ``gate_constant``."""
+def merge_block(owner: nn.Module, layout: Layout, gate_constant: torch.Tensor | None = None,
+                line: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """The merged projection of a block whose activation is the identity or ``line`` (plain) or whose gate is
+    ``gate_constant``."""
     fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
     if layout.kind is BlockKind.GATED:
         if gate_constant is None:
             raise ValueError("A gated block needs its gate constant to be merged.")
         return merge_gated(fc1, fc2, gate_constant, fused=layout.gate == layout.fc1)
-    return merge_projections(fc1, fc2)
+    return merge_projections(fc1, fc2, line)
 
 
 def block_gate(owner: nn.Module, layout: Layout) -> nn.Module | None:
@@ -272,7 +282,7 @@ def _collapse_block(
     layout = act.layout
     owner = model.get_submodule(name) if name else model
     fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
-    has_bias = fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D)
+    has_bias = fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D) or act.line is not None
     params_before, params_after, flops_before, flops_after = block_costs(fc1, fc2, has_bias, block_gate(owner, layout))
     alpha = act.alpha_value
     row = BlockReport(name, layout.kind.value, alpha, "kept", "", params_before, params_before, flops_before,
@@ -284,7 +294,7 @@ def _collapse_block(
     elif params_after >= params_before:
         row.status, row.reason = "skipped", "merging would not save parameters"
     else:
-        merged = merge_block(owner, layout, act.gate_constant)
+        merged = merge_block(owner, layout, act.gate_constant, act.line)
         install_merged(owner, layout, merged)
         d_in, d_out = projection_shape(merged)
         record_block(model, name, layout, "collapsed", alpha=alpha, in_features=d_in, out_features=d_out,

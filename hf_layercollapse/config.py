@@ -20,6 +20,7 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 
 CONFIG_NAME = "layercollapse_config.json"
 ACTIVATIONS = ("blend", "prelu")
+LINEAR_TARGETS = ("default", "fitted")
 DEFAULT_INIT_ALPHA = {"blend": 0.0, "prelu": 0.01}
 #: The ``peft_type`` of LayerCollapse adapters (a key added to PEFT's registries on ``import hf_layercollapse``).
 PEFT_TYPE = "LAYERCOLLAPSE"
@@ -59,6 +60,16 @@ class LayerCollapseConfig(PeftConfig):
         init_alpha: Initial α. ``None`` means 0.0 for ``"blend"`` and 0.01 for ``"prelu"``.
         reg_weight: λ, the weight of the regulariser ``λ·Σ(1−α)²`` added to the task loss during training.
         threshold: τ: a block is collapsed when ``|1 − α| ≤ τ``.
+        linear_target: What the activation becomes at α = 1 (``activation="blend"``). ``"default"``: the identity
+            on plain blocks (the paper's linearisation, ``W2·W1``), and on gated blocks a learnable constant gate
+            ``c`` that starts at the per-channel mean of ``act(gate(x))`` on the calibration data (on a dummy batch
+            without). ``"fitted"`` (needs calibration data): on plain blocks the per-channel least-squares line
+            ``a·z + b`` of the activation (fixed buffers ``slope``/``offset``; at α = 1 the block is
+            ``W2·diag(a)·W1``, still one affine map), on gated blocks ``c`` starts at the value whose collapsed block
+            is closest to the original block's output (relative squared error, closed form). A GELU channel that
+            is mostly negative is close to 0, not to the identity, so the fitted line is a far smaller change
+            than the identity (measured in ``benchmarks/results/quality_fitted.md`` and
+            ``benchmarks/results/gated_perplexity.md``).
         modules_to_save: With PEFT only: modules besides α (and LoRA) to train and save in full, e.g. a new
             classification head (PEFT adds ``classifier``/``score`` itself for ``task_type="SEQ_CLS"``).
         lora_config: With PEFT only: a ``peft.LoraConfig`` (or the dict of its fields) whose LoRA layers are part of
@@ -97,6 +108,11 @@ class LayerCollapseConfig(PeftConfig):
     )
     reg_weight: float = field(default=1.0, metadata={"help": "λ, weight of the regulariser λ·Σ(1−α)²."})
     threshold: float = field(default=0.05, metadata={"help": "τ: collapse a block when |1 − α| ≤ τ."})
+    linear_target: str = field(
+        default="default",
+        metadata={"help": "What the activation becomes at α = 1: 'default' (identity; gated: c at the mean of "
+                          "act(gate(x))) or 'fitted' (least squares on calibration data)."},
+    )
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "PEFT only: modules trained and saved in full besides α and LoRA (e.g. a new head)."},
@@ -111,6 +127,11 @@ class LayerCollapseConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is not supported: use one of {ACTIVATIONS}.")
+        if self.linear_target not in LINEAR_TARGETS:
+            raise ValueError(f"linear_target={self.linear_target!r} is not supported: use one of {LINEAR_TARGETS}.")
+        if self.linear_target == "fitted" and self.activation != "blend":
+            raise ValueError(f"linear_target='fitted' blends the activation towards a fitted line: it needs "
+                             f"activation='blend', not {self.activation!r}.")
         if self.init_alpha is None:
             self.init_alpha = DEFAULT_INIT_ALPHA[self.activation]
         if not 0.0 <= float(self.init_alpha) <= 1.0:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .activation import CollapsibleActivation
 from .architectures import BlockKind, MLPBlock, check_not_moe, find_mlp_blocks, select_blocks
-from .calibration import gate_means
+from .calibration import activation_lines, gate_constants
 from .config import LayerCollapseConfig
 from .plan import record_block, set_module
 
@@ -78,10 +78,11 @@ def get_collapse_model(
         config: Which blocks and how; default ``LayerCollapseConfig()`` (every plain MLP block, blend).
         example_inputs: One batch for the data-flow tracer, needed only for architectures that are not in
             :data:`~hf_layercollapse.architectures.MLP_LAYOUTS` and whose inputs cannot be guessed.
-        calibration_data: Gated blocks only (Llama, Mistral, Qwen, Gemma, Phi-3, gated T5): batches (or a
-            dataset) on which the gate constant ``c`` starts as the per-channel mean of ``act(gate(x))``.
-            Without it, ``c`` starts from that mean over ``example_inputs`` or a small dummy batch, a rough
-            estimate; training then learns ``c`` with α.
+        calibration_data: Batches (or a dataset) of model inputs. Gated blocks (Llama, Mistral, Qwen, Gemma,
+            Phi-3, gated T5): the gate constant ``c`` starts as the per-channel mean of ``act(gate(x))`` on them
+            (without them, over ``example_inputs`` or a small dummy batch, a rough estimate; training then learns
+            ``c`` with α). With ``config.linear_target="fitted"`` (required then) every block's linear target is
+            fitted on them (see :class:`~hf_layercollapse.LayerCollapseConfig`).
 
     Example:
         >>> import torch
@@ -120,17 +121,25 @@ def get_collapse_model(
         )
     _check_supported(selected, model, config)
     _check_not_shared(model, selected)
-    constants = gate_means(model, [b for b in selected if b.kind is BlockKind.GATED], calibration_data,
-                           example_inputs)
+    fitted = config.linear_target == "fitted"
+    if fitted and calibration_data is None:
+        raise ValueError("linear_target='fitted' fits each block's linear target on calibration data: pass "
+                         "calibration_data= (a few hundred examples of your task), or use linear_target='default'.")
+    constants = gate_constants(model, [b for b in selected if b.kind is BlockKind.GATED], calibration_data,
+                               example_inputs, method="least_squares" if fitted else "mean")
+    lines = activation_lines(model, [b for b in selected if b.kind is BlockKind.PLAIN], calibration_data) if (
+        fitted) else {}
     for block in selected:
         act_name = block.path("act")
         weight = model.get_submodule(block.path("fc1")).weight
         wrapped = CollapsibleActivation(model.get_submodule(act_name), config.activation, config.init_alpha,
-                                        gate_constant=constants.get(block.name))
+                                        gate_constant=constants.get(block.name), line=lines.get(block.name))
         wrapped.layout = block.layout
         wrapped.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         set_module(model, act_name, wrapped)
-        record_block(model, block.name, block.layout, "injected", mode=config.activation, config=config)
+        fitted_line = {"line": True} if block.name in lines else {}  # apply_plan rebuilds the line's buffers
+        record_block(model, block.name, block.layout, "injected", mode=config.activation, config=config,
+                     **fitted_line)
     return model
 
 

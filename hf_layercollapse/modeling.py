@@ -124,7 +124,11 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
             if layout.kind is BlockKind.GATED:  # filled from the checkpoint, like α
                 channels = projection_shape(fc1)[1] // (2 if layout.gate == layout.fc1 else 1)
                 constant = torch.zeros(channels, dtype=fc1.weight.dtype, device=fc1.weight.device)
-            wrapped = CollapsibleActivation(act, entry.get("mode", "blend"), 0.0, gate_constant=constant)
+            line = None
+            if entry.get("line"):  # a fitted target (linear_target="fitted"): filled from the checkpoint
+                channels = projection_shape(fc1)[1]
+                line = (torch.zeros(channels, dtype=fc1.weight.dtype, device=fc1.weight.device),) * 2
+            wrapped = CollapsibleActivation(act, entry.get("mode", "blend"), 0.0, gate_constant=constant, line=line)
             wrapped.layout = layout
             set_module(owner, layout.act, wrapped)
             continue

@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 
 from .activation import CollapsibleActivation
 from .architectures import BlockKind, Layout, MLPBlock, check_not_moe, find_mlp_blocks, select_blocks
-from .calibration import gate_means
+from .calibration import gate_constants
 from .collapse import collapse_model
 from .config import ACTIVATIONS, PEFT_TYPE, LayerCollapseConfig
 from .injection import _check_not_shared, check_gated_mode, injected_activations
@@ -121,6 +121,8 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         self.layercollapse_alpha = nn.ParameterDict()
         self.layercollapse_gate_constant = nn.ParameterDict()  # gated blocks only
         self.layercollapse_mode: dict[str, str] = {}
+        self.register_buffer("slope", None)  # linear_target="fitted" on plain blocks is not supported with PEFT yet
+        self.register_buffer("offset", None)
         self.layout = layout
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None
@@ -257,8 +259,9 @@ def _select_targets(model: nn.Module, config: LayerCollapseConfig) -> tuple[dict
     return {b.path("act"): b for b in kept}, excluded
 
 
-def _base_gate_means(model: nn.Module, blocks: list[MLPBlock], calibration_data=None) -> dict[str, torch.Tensor]:
-    """:func:`~hf_layercollapse.calibration.gate_means` of the base model: every adapter layer (LayerCollapse, LoRA)
+def _base_gate_constants(model: nn.Module, blocks: list[MLPBlock], calibration_data=None,
+                         method: str = "mean") -> dict[str, torch.Tensor]:
+    """:func:`~hf_layercollapse.calibration.gate_constants` of the base model: every adapter layer (LayerCollapse, LoRA)
     is switched off during the pass, so that ``c`` starts from the original model's gate, as with
     :func:`~hf_layercollapse.get_collapse_model`."""
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
@@ -266,7 +269,7 @@ def _base_gate_means(model: nn.Module, blocks: list[MLPBlock], calibration_data=
     try:
         for layer in layers:  # the flag only: enable_adapters() would also change which parameters are trainable
             layer._disable_adapters = True
-        return gate_means(model, blocks, calibration_data)
+        return gate_constants(model, blocks, calibration_data, method=method)
     finally:
         for layer, flag in zip(layers, disabled):
             layer._disable_adapters = flag
@@ -312,10 +315,17 @@ class LayerCollapseModel(BaseTuner):
 
     def _prepare_model(self, peft_config: LayerCollapseConfig, model: nn.Module) -> None:
         self._targets, self._excluded = _select_targets(model, peft_config)
+        plain = [b.name for b in self._targets.values() if b.kind is BlockKind.PLAIN]
+        if peft_config.linear_target == "fitted" and plain:
+            raise ValueError(
+                f"linear_target='fitted' on plain MLP blocks ({plain[0]}, ...) is not supported through PEFT yet: "
+                "use hf_layercollapse.get_collapse_model(model, config, calibration_data=...), or "
+                "linear_target='default' with PEFT (gated blocks support 'fitted' with calibrate_gate_constants)."
+            )
         # gated blocks: c starts at the mean of act(gate(x)) over a dummy batch (get_collapse_model's default);
         # calibrate_gate_constants sets it from calibration data, PeftModel.from_pretrained from the checkpoint.
         gated = [b for b in self._targets.values() if b.kind is BlockKind.GATED]
-        self._gate_constants = _base_gate_means(model, gated) if gated else {}
+        self._gate_constants = _base_gate_constants(model, gated) if gated else {}
 
     def _check_target_module_exists(self, peft_config: LayerCollapseConfig, key: str) -> bool | _ExcludedModule:
         if key in self._excluded:
@@ -537,9 +547,10 @@ def get_lora_collapse_model(
 def calibrate_gate_constants(
     peft_model: PeftModel, calibration_data, adapter_name: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Set the gate constants ``c`` of a LayerCollapse adapter's gated blocks to the per-channel mean of
-    ``act(gate(x))`` of the base model (every adapter switched off) over ``calibration_data``, padding excluded:
-    the rule of :func:`~hf_layercollapse.get_collapse_model` with ``calibration_data``, for PEFT models. Call it
+    """Set the gate constants ``c`` of a LayerCollapse adapter's gated blocks from the base model (every adapter
+    switched off) over ``calibration_data``, padding excluded, as the adapter config's ``linear_target`` says (the
+    per-channel mean of ``act(gate(x))``, or with ``"fitted"`` the least-squares fit of the block's output): the rule of
+    :func:`~hf_layercollapse.get_collapse_model` with ``calibration_data``, for PEFT models. Call it
     after ``peft.get_peft_model`` and before training (:func:`get_lora_collapse_model` takes ``calibration_data``
     and calls it).
 
@@ -577,7 +588,8 @@ def calibrate_gate_constants(
     if not layers:
         raise ValueError(f"Adapter {adapter!r} has no gated MLP block: there is no gate constant to calibrate.")
     blocks = [MLPBlock(owner, index, layer.layout) for index, (owner, layer) in enumerate(layers.items())]
-    means = _base_gate_means(tuner.model, blocks, calibration_data)
+    method = "least_squares" if tuner.peft_config[adapter].linear_target == "fitted" else "mean"
+    means = _base_gate_constants(tuner.model, blocks, calibration_data, method)
     with torch.no_grad():
         for owner, layer in layers.items():
             layer.layercollapse_gate_constant[adapter].copy_(means[owner])

@@ -1,14 +1,16 @@
 """`plan_collapse`: compression without fine-tuning, chosen and merged on calibration data.
 
 For every MLP block the planner fits, on part of the calibration data, the best affine map from the block's
-input to its output (least squares, fp64, small ridge) and measures on the rest how much the model's
-objective grows when that block alone is replaced by it or by the simple merge: the exact linearisation
-``W2·W1`` of a plain block (the activation made the identity), or, for a gated block, the gate fixed at its
-per-channel calibration mean ``c`` (``W_down·diag(c)·W_up``). Each block keeps the better of the two (never a
-merge worse than the simplest candidate): on real gated models the least-squares map was measured to be
-catastrophic on some blocks, where the constant gate was not. Blocks are then picked cheapest first until the
-budget is met, and the combined cost of the chosen set is measured. :func:`~hf_layercollapse.collapse_model`
-applies the plan.
+input to its output (least squares, fp64, small ridge; once with every token weighing the same and once with
+each token's error relative to the size of its output) and measures on the rest how much the model's objective
+grows when that block alone is replaced by either or by the simple merge: the exact linearisation ``W2·W1`` of a
+plain block (the activation made the identity), or, for a gated block, the gate fixed at a constant ``c``
+(``W_down·diag(c)·W_up``), both its per-channel calibration mean and the ``c`` fitted to the block's output
+(relative least squares). Each block keeps its cheapest candidate (never a merge worse than the simplest one):
+on the real SmolLM2-135M the plain least-squares map was measured to be catastrophic on some blocks (a few
+tokens with huge activations dominate its squared error) and the mean gate on others. Blocks are then picked
+cheapest first until the budget is met, and the combined cost of the chosen set is measured.
+:func:`~hf_layercollapse.collapse_model` applies the plan.
 
 The objective is the task loss when the batches carry ``labels``, the language-modelling loss for causal LMs,
 and otherwise the divergence from the original outputs (KL for logits, relative squared error for hidden
@@ -31,7 +33,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.pytorch_utils import Conv1D
 
 from .architectures import BlockKind, Layout, MLPBlock, check_not_moe, find_mlp_blocks, projection_shape
-from .calibration import calibration_batches, collect_statistics, gate_means, replaced_blocks
+from .calibration import (
+    BlockStats,
+    calibration_batches,
+    collect_statistics,
+    linear_weight,
+    replaced_blocks,
+    statistics_passes,
+)
 from .collapse import (
     block_costs,
     block_gate,
@@ -45,6 +54,15 @@ from .plan import record_block
 from .report import BlockReport, CollapseReport
 
 PLAN_FILE, WEIGHTS_FILE = "collapse_plan.json", "collapse_plan.safetensors"
+METHODS = ("exact", "constant_gate", "fitted_gate", "least_squares", "relative_least_squares")
+
+
+def _costs(row: dict) -> dict[str, float]:
+    """A saved candidate's costs (plans written before ``costs`` existed kept two of them)."""
+    if "costs" in row:
+        return dict(row["costs"])
+    simple = "constant_gate" if row["layout"]["kind"] == BlockKind.GATED.value else "exact"
+    return {simple: row["cost_exact"], "least_squares": row["cost_least_squares"]}
 
 
 @dataclass
@@ -53,13 +71,28 @@ class PlannedBlock:
 
     name: str
     layout: Layout
-    method: str  # "least_squares", "exact" (plain: W2·W1) or "constant_gate" (gated: gate at its calibration mean)
+    # one of METHODS: "exact" (plain: W2·W1), "constant_gate" (gated: the gate at its calibration mean),
+    # "fitted_gate" (gated: the constant gate fitted to the block's output), "least_squares" (the affine map fitted
+    # to the block's output) or "relative_least_squares" (the same, each token's error relative to its output's size)
+    method: str
     cost: float
-    cost_exact: float  # the simple merge: W2·W1 (plain) or the gate at its calibration mean (gated)
-    cost_least_squares: float
+    costs: dict[str, float]  # every candidate's measured cost, by method
     params_saved: int
-    weight: torch.Tensor | None = field(default=None, repr=False)  # least-squares map [out, in]
+    weight: torch.Tensor | None = field(default=None, repr=False)  # the chosen map [out, in] (not for "exact")
     bias: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def simple_method(self) -> str:
+        return "constant_gate" if self.layout.kind is BlockKind.GATED else "exact"
+
+    @property
+    def cost_exact(self) -> float:
+        """Cost of the simple merge: ``W2·W1`` (plain) or the gate at its calibration mean (gated)."""
+        return self.costs[self.simple_method]
+
+    @property
+    def cost_least_squares(self) -> float:
+        return self.costs["least_squares"]
 
 
 @dataclass
@@ -80,8 +113,7 @@ class CollapsePlan:
     def to_dict(self) -> dict:
         def row(b: PlannedBlock) -> dict:
             return {"name": b.name, "layout": b.layout.to_dict(), "method": b.method, "cost": b.cost,
-                    "cost_exact": b.cost_exact, "cost_least_squares": b.cost_least_squares,
-                    "params_saved": b.params_saved}
+                    "costs": b.costs, "params_saved": b.params_saved}
 
         return {"objective": self.objective, "baseline": self.baseline, "measured_cost": self.measured_cost,
                 "params_total": self.params_total, "params_saved": self.params_saved,
@@ -89,10 +121,11 @@ class CollapsePlan:
 
     def __str__(self) -> str:
         chosen = {b.name for b in self.selected}
-        rows = [("block", "chosen", "merge", "cost (exact)", "cost (least squares)", "params saved")]
+        methods = [m for m in METHODS if any(m in b.costs for b in self.candidates)]
+        rows = [("block", "chosen", "merge", *(f"cost ({m})" for m in methods), "params saved")]
         for b in self.candidates:
-            rows.append((b.name, "yes" if b.name in chosen else "", b.method, f"{b.cost_exact:+.4g}",
-                         f"{b.cost_least_squares:+.4g}", f"{b.params_saved:,}"))
+            costs = [f"{b.costs[m]:+.4g}" if m in b.costs else "" for m in methods]
+            rows.append((b.name, "yes" if b.name in chosen else "", b.method, *costs, f"{b.params_saved:,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -126,8 +159,8 @@ class CollapsePlan:
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{directory} does not hold a readable collapse plan ({PLAN_FILE}, {WEIGHTS_FILE}): "
                              f"{err}") from err
-        candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"]), c["method"], c["cost"], c["cost_exact"],
-                                   c["cost_least_squares"], c["params_saved"], tensors.get(f"{c['name']}.weight"),
+        candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"]), c["method"], c["cost"], _costs(c),
+                                   c["params_saved"], tensors.get(f"{c['name']}.weight"),
                                    tensors.get(f"{c['name']}.bias")) for c in data["candidates"]]
         by_name = {b.name: b for b in candidates}
         return cls([by_name[n] for n in data["selected"]], candidates, data["objective"], data["baseline"],
@@ -242,14 +275,14 @@ def plan_collapse(
     was_training = model.training
     model.eval()
     try:
-        steps = len(fit_batches) + len(eval_batches) * (1 + 2 * len(blocks))
+        merges = sum(4 if b.kind is BlockKind.GATED else 3 for b in blocks)  # candidates measured per block
+        steps = len(fit_batches) * len(statistics_passes(model, blocks)) + len(eval_batches) * (1 + merges)
         with tqdm(total=steps, desc="plan_collapse", disable=not show_progress) as progress:
             stats = collect_statistics(model, blocks, fit_batches, progress)
-            constants = gate_means(model, [b for b in blocks if b.kind is BlockKind.GATED], fit_batches)
             objective = _Objective(model, eval_batches)
             baseline = objective(progress)
-            candidates = [_measure(model, block, stats[block.name], constants.get(block.name), objective, baseline,
-                                   ridge, progress) for block in blocks]
+            candidates = [_measure(model, block, stats[block.name], objective, baseline, ridge, progress)
+                          for block in blocks]
         candidates = [c for c in candidates if c.params_saved > 0]
         ranked = sorted(candidates, key=lambda c: c.cost)
         params_total = sum(p.numel() for p in model.parameters())
@@ -260,34 +293,41 @@ def plan_collapse(
     return CollapsePlan(selected, candidates, objective.kind, baseline, measured, params_total)
 
 
-def _measure(model, block: MLPBlock, stats, gate_constant, objective: _Objective, baseline: float, ridge: float,
+def _measure(model, block: MLPBlock, stats: BlockStats, objective: _Objective, baseline: float, ridge: float,
              progress) -> PlannedBlock:
-    """Cost of the block's two candidate merges: the simple one (plain: ``W2·W1``, the activation made the
-    identity; gated: the gate fixed at its calibration mean) and the least-squares map; keeps the cheaper."""
+    """Cost of each candidate merge of the block, measured alone on the held-out batches; keeps the cheapest.
+    Candidates: the simple merge (plain: ``W2·W1``, the activation made the identity; gated: the gate fixed at its
+    calibration mean), for gated blocks the gate fixed at its least-squares fit, and the least-squares maps (plain
+    and relative)."""
     owner = model.get_submodule(block.name) if block.name else model
     fc1, fc2 = owner.get_submodule(block.layout.fc1), owner.get_submodule(block.layout.fc2)
-    simple = merge_block(owner, block.layout, gate_constant)
-    weight, bias = stats.solve(ridge)
-    fitted = _linear(weight.to(fc2.weight.device, torch.float32), bias.to(fc2.weight.device, torch.float32), fc2)
-    with replaced_blocks(model, {block: simple}):
-        cost_simple = objective(progress) - baseline
-    with replaced_blocks(model, {block: fitted}):
-        cost_fitted = objective(progress) - baseline
-    if not math.isfinite(cost_fitted):
-        cost_fitted = math.inf
-    before, after, _, _ = block_costs(fc1, fc2, True, block_gate(owner, block.layout))
-    if cost_fitted < cost_simple:
-        method, chosen, cost = "least_squares", fitted, cost_fitted
+    merges: dict[str, nn.Module] = {}
+    if block.kind is BlockKind.GATED:
+        merges["constant_gate"] = merge_block(owner, block.layout, stats.gate.mean())
+        merges["fitted_gate"] = merge_block(owner, block.layout, stats.gate.fit(linear_weight(fc2), ridge))
+        simple = "constant_gate"
     else:
-        method, chosen, cost = ("constant_gate", simple, cost_simple) if gate_constant is not None else (
-            "exact", None, cost_simple)
+        merges["exact"] = merge_block(owner, block.layout)
+        simple = "exact"
+    for method, fit in (("least_squares", stats.least_squares), ("relative_least_squares",
+                                                                  stats.relative_least_squares)):
+        weight, bias = fit.solve(ridge)
+        merges[method] = _linear(weight.to(fc2.weight.device, torch.float32),
+                                 bias.to(fc2.weight.device, torch.float32), fc2)
+    costs = {}
+    for method, merged in merges.items():
+        with replaced_blocks(model, {block: merged}):
+            cost = objective(progress) - baseline
+        costs[method] = cost if math.isfinite(cost) else math.inf
+    method = min(costs, key=lambda m: (costs[m], m != simple))  # ties go to the simple merge
+    before, after, _, _ = block_costs(fc1, fc2, True, block_gate(owner, block.layout))
     weight = bias = None
-    if chosen is not None:
+    if method != "exact":
+        chosen = merges[method]
         weight = chosen.weight.detach().float().cpu()
         weight = weight.T.contiguous() if isinstance(chosen, Conv1D) else weight
         bias = chosen.bias.detach().float().cpu() if chosen.bias is not None else torch.zeros(weight.shape[0])
-    return PlannedBlock(block.name, block.layout, method, cost, cost_simple, cost_fitted, before - after, weight,
-                        bias)
+    return PlannedBlock(block.name, block.layout, method, costs[method], costs, before - after, weight, bias)
 
 
 def _replacement(model, planned: PlannedBlock) -> nn.Module:

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import hf_layercollapse as hlc
+from hf_layercollapse.calibration import collect_statistics, gate_constants, statistics_passes
 from hf_layercollapse.tracing import dummy_inputs
 
 
@@ -97,6 +98,83 @@ def test_gate_constant_starts_at_the_calibration_mean():
     torch.testing.assert_close(act.gate_constant.data, expected, atol=1e-6, rtol=1e-6)
 
 
+def _block_tensors(model, block, batches):
+    """(u, g, y) of every unpadded token: up projection, gate activation and the block's output."""
+    owner = model.get_submodule(block.name)
+    captured = {"u": [], "g": [], "y": []}
+    hooks = [owner.get_submodule(block.layout.fc1).register_forward_hook(lambda m, a, o: captured["u"].append(o)),
+             owner.get_submodule(block.layout.act).register_forward_hook(lambda m, a, o: captured["g"].append(o)),
+             owner.get_submodule(block.layout.fc2).register_forward_hook(lambda m, a, o: captured["y"].append(o))]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for hook in hooks:
+        hook.remove()
+    keep = torch.cat([b["attention_mask"].reshape(-1) for b in batches]).bool()
+    return [torch.cat([t.reshape(-1, t.shape[-1]) for t in captured[k]])[keep].double() for k in "ugy"]
+
+
+def test_least_squares_gate_constant_is_the_minimiser_of_the_relative_output_error():
+    model = gated_model("qwen2")
+    batches = [{"input_ids": torch.randint(1, 99, (3, 9), generator=torch.Generator().manual_seed(i)),
+                "attention_mask": torch.ones(3, 9, dtype=torch.long)} for i in range(2)]
+    batches[0]["attention_mask"][1, 5:] = 0
+    block = hlc.find_mlp_blocks(model)[1]
+    down = model.get_submodule(block.path("fc2"))
+    u, g, y = _block_tensors(model, block, batches)
+    w = down.weight.double()
+    # the dense least-squares problem: every token gives d equations W·diag(u_t)·c = W·(g_t ⊙ u_t), scaled by
+    # 1/rms(y_t) (relative error)
+    scale = y.pow(2).mean(1).rsqrt()
+    design = torch.cat([s_t * w * u_t for s_t, u_t in zip(scale, u)])
+    target = torch.cat([s_t * w @ (g_t * u_t) for s_t, g_t, u_t in zip(scale, g, u)])
+    expected = torch.linalg.lstsq(design, target.unsqueeze(1)).solution.squeeze(1)
+    fitted = gate_constants(model, [block], batches, method="least_squares", ridge=0.0)[block.name]
+    torch.testing.assert_close(fitted.double(), expected, atol=1e-4, rtol=1e-4)
+    mean = gate_constants(model, [block], batches)[block.name]
+    torch.testing.assert_close(mean.double(), g.mean(0), atol=1e-6, rtol=1e-6)
+
+    def error(c):
+        with torch.no_grad():
+            return float(((down((u * c.double()).float()).double() - y).pow(2).mean(1) * scale.pow(2)).sum())
+
+    assert error(fitted) < error(mean)
+
+
+def test_statistics_beyond_the_memory_budget_take_more_passes_with_the_same_sums():
+    model = gated_model("llama", causal_lm=True)
+    blocks = hlc.find_mlp_blocks(model)
+    batches = [{"input_ids": torch.randint(1, 99, (2, 6), generator=torch.Generator().manual_seed(i))}
+               for i in range(2)]
+    assert len(statistics_passes(model, blocks)) == 1 and len(statistics_passes(model, blocks, memory=1)) == 2
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    one, split = collect_statistics(model, blocks, batches), collect_statistics(model, blocks, batches, memory=1)
+    handle.remove()
+    assert len(calls) == 3 * len(batches)  # one pass, then one pass per block
+    for block in blocks:
+        for part in ("least_squares", "relative_least_squares"):
+            assert torch.equal(getattr(one[block.name], part).gram, getattr(split[block.name], part).gram)
+        assert torch.equal(one[block.name].gate.up_cross, split[block.name].gate.up_cross)
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3", "t5-gated"])
+def test_fitted_linear_target_starts_c_at_its_least_squares_fit(name):
+    batches = [{"input_ids": torch.randint(1, 99, (3, 7), generator=torch.Generator().manual_seed(i)),
+                "attention_mask": torch.ones(3, 7, dtype=torch.long)} for i in range(2)]
+    if name == "t5-gated":  # encoder-decoder: the decoder's gated blocks are fitted on its own tokens
+        for batch in batches:
+            batch["decoder_input_ids"] = batch["input_ids"].flip(1)
+    model = gated_model(name)
+    blocks = hlc.find_mlp_blocks(model)
+    expected = gate_constants(model, blocks, batches, method="least_squares")
+    means = gate_constants(model, blocks, batches)
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(linear_target="fitted"), calibration_data=batches)
+    for block_name, act in hlc.injected_activations(model).items():
+        torch.testing.assert_close(act.gate_constant.data, expected[block_name], rtol=0, atol=0)
+        assert (expected[block_name] - means[block_name]).abs().max() > 1e-3
+
+
 def test_trainer_learns_alpha_and_the_gate_constant(tmp_path):
     model = gated_model("llama", causal_lm=True)
     hlc.get_collapse_model(model, hlc.LayerCollapseConfig(reg_weight=1.0))
@@ -118,8 +196,8 @@ def test_planner_on_gated_blocks_keeps_the_better_candidate():
     plan = hlc.plan_collapse(model, batches, num_blocks=1, show_progress=False)
     assert plan.objective == "language-modelling loss"
     for candidate in plan.candidates:
-        assert candidate.method in ("constant_gate", "least_squares")
-        assert candidate.cost == min(candidate.cost_exact, candidate.cost_least_squares)
+        assert set(candidate.costs) == {"constant_gate", "fitted_gate", "least_squares", "relative_least_squares"}
+        assert candidate.cost == candidate.costs[candidate.method] == min(candidate.costs.values())
     ids = batches[0]["input_ids"]
     report = hlc.collapse_model(model, plan=plan)
     assert len(report.collapsed) == 1 and report.blocks[0].kind == "gated"

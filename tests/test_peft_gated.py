@@ -192,6 +192,21 @@ def test_gate_constant_from_calibration_data_equals_get_collapse_model():
         assert act.gate_constant.requires_grad and act.alpha.requires_grad and act.alpha_value == 0.5
 
 
+def test_fitted_gate_constant_through_peft_equals_get_collapse_model():
+    batches = lm_batches()
+    config = hlc.LayerCollapseConfig(linear_target="fitted")
+    reference = gated_model("llama", causal_lm=True)
+    hlc.get_collapse_model(reference, config, calibration_data=batches)
+    expected = {n: a.gate_constant.detach() for n, a in hlc.injected_activations(reference).items()}
+    peft_model = hlc.get_lora_collapse_model(gated_model("llama", causal_lm=True), random_lora(["q_proj", "up_proj"]),
+                                             config, calibration_data=batches)
+    got = {n.removeprefix("base_model.model."): a.gate_constant.detach()
+           for n, a in hlc.injected_activations(peft_model).items()}
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
 def test_second_adapter_gets_its_own_alpha_and_gate_constant():
     model = gated_model("llama", causal_lm=True)
     batch = lm_batch()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -34,7 +35,6 @@ def test_least_squares_reproduces_the_exact_merge_of_a_linear_block():
     block = hlc.find_mlp_blocks(model)[1]
     fc1, fc2 = model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2"))
     stats = collect_statistics(model, [block], batches(8))[block.name]
-    weight, bias = stats.solve(ridge=1e-10)
     captured = []
     handle = fc1.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     with torch.no_grad():
@@ -43,7 +43,9 @@ def test_least_squares_reproduces_the_exact_merge_of_a_linear_block():
     x = captured[0].reshape(-1, 32).double()
     exact = hlc.merge_projections(fc1, fc2)
     expected = x @ exact.weight.double().T + exact.bias.double()
-    torch.testing.assert_close(x @ weight.T + bias, expected, atol=1e-5, rtol=1e-5)
+    for fit in (stats.least_squares, stats.relative_least_squares):  # any weighting fits an affine block exactly
+        weight, bias = fit.solve(ridge=1e-10)
+        torch.testing.assert_close(x @ weight.T + bias, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_least_squares_statistics_stream_over_batches():
@@ -57,6 +59,28 @@ def test_least_squares_statistics_stream_over_batches():
     solution = torch.linalg.lstsq(torch.cat([x, torch.ones(200, 1)], 1).double(), y.double()).solution
     torch.testing.assert_close(weight, solution[:5].T, atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(bias, solution[5], atol=1e-8, rtol=1e-8)
+
+
+def test_relative_least_squares_weighs_each_token_by_its_output_size():
+    """The relative fit is the weighted least-squares fit with weights 1/mean(y_t²): a token whose output is 1000×
+    larger counts no more than the others (in the plain fit it decides the map)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 5), torch.randn(200, 3)
+    x[0], y[0] = 1000 * x[0], -1000 * y[0]
+    streamed = LeastSquaresStats(5, 3, torch.device("cpu"), relative=True)
+    for i in range(0, 200, 50):
+        streamed.update(x[i:i + 50], y[i:i + 50], None)
+    weight, bias = streamed.solve(ridge=0.0)
+    scale = y.double().pow(2).mean(1, keepdim=True).rsqrt()
+    design = torch.cat([x, torch.ones(200, 1)], 1).double() * scale
+    solution = torch.linalg.lstsq(design, y.double() * scale).solution
+    torch.testing.assert_close(weight, solution[:5].T, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(bias, solution[5], atol=1e-8, rtol=1e-8)
+    plain = LeastSquaresStats(5, 3, torch.device("cpu"))
+    plain.update(x, y, None)
+    plain_weight, _ = plain.solve(ridge=0.0)
+    rest = torch.linalg.lstsq(torch.cat([x[1:], torch.ones(199, 1)], 1).double(), y[1:].double()).solution[:5].T
+    assert (weight - rest).abs().max() < (plain_weight - rest).abs().max()
 
 
 def _single_block_cost(model, plan_block, calibration) -> float:
@@ -78,7 +102,8 @@ def test_plan_orders_blocks_by_their_measured_cost_and_respects_num_blocks():
     costs = sorted(plan.candidates, key=lambda c: c.cost)
     assert [b.name for b in plan.selected] == [c.name for c in costs[:2]]
     for candidate in plan.candidates:
-        assert candidate.cost == min(candidate.cost_exact, candidate.cost_least_squares)
+        assert set(candidate.costs) == {"exact", "least_squares", "relative_least_squares"}
+        assert candidate.cost == candidate.costs[candidate.method] == min(candidate.costs.values())
         assert candidate.cost == pytest.approx(_single_block_cost(model, candidate, data), rel=1e-4, abs=1e-7)
     assert "encoder.layer" in str(plan) and plan.params_saved == 2 * (2 * 32 * 64 + 64 + 32 - 32 * 32 - 32)
 
@@ -129,6 +154,14 @@ def test_plan_save_and_load_round_trip(tmp_path):
     plan.save(tmp_path)
     loaded = hlc.CollapsePlan.load(tmp_path)
     assert loaded.to_dict() == plan.to_dict()
+    saved = json.loads((tmp_path / "collapse_plan.json").read_text())  # a plan from before `costs` existed
+    for row in saved["candidates"]:
+        costs = row.pop("costs")
+        row["cost_exact"], row["cost_least_squares"] = costs["exact"], costs["least_squares"]
+    (tmp_path / "collapse_plan.json").write_text(json.dumps(saved))
+    old = hlc.CollapsePlan.load(tmp_path)
+    assert [b.costs for b in old.candidates] == [{"exact": b.cost_exact, "least_squares": b.cost_least_squares}
+                                                  for b in plan.candidates]
     twin = copy.deepcopy(model)
     hlc.collapse_model(model, plan=plan)
     hlc.collapse_model(twin, plan=loaded)
@@ -179,7 +212,7 @@ def test_real_minilm_least_squares_beats_the_naive_merge_on_held_out_tweets(mini
     assert plan.objective == "output divergence" and len(plan.candidates) == 6
     for candidate in plan.candidates:  # the MiniLM's GELU blocks are far from linear
         assert candidate.cost_least_squares <= candidate.cost_exact
-        assert candidate.method == "least_squares"
+        assert candidate.method in ("least_squares", "relative_least_squares")
     collapsed = copy.deepcopy(model)
     report = hlc.collapse_model(collapsed, plan=plan)
     assert report.params_saved == 2 * (2 * 384 * 1536 + 1536 + 384 - 384 * 384 - 384)
