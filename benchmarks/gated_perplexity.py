@@ -8,12 +8,13 @@ SmolLM2-135M-Instruct in fp32 on the CPU, one thread. Held-out text: the start o
 start of Hamlet; training text: the other 40 Shakespeare texts (shuffled 256-token windows). No text is shared.
 
 * ``planner``: :func:`~hf_layercollapse.plan_collapse` on the calibration text measures every one of the 30 blocks
-  (least squares or constant gate, chosen per block on its held-out half); the k cheapest blocks are merged with
-  the chosen maps, no training.
+  (least-squares map, gate at its mean, or gate fitted by least squares, chosen per block on its held-out half);
+  the k cheapest blocks are merged with the chosen maps, no training.
 * ``layercollapse``: the planner's 8 cheapest blocks are injected (constant-gate blend, ``c`` initialised on the
-  calibration text) and fine-tuned with :class:`~hf_layercollapse.LayerCollapseTrainer` on a progressive schedule
-  (cheapest block first, ``--stage_steps`` optimizer steps per block; at the end of its stage a block's α is 1).
-  At the end of stages 1, 2, 4 and 8 a deep copy is collapsed (``collapse_model``) and evaluated.
+  calibration text as ``--linear_target`` says) and fine-tuned with :class:`~hf_layercollapse.LayerCollapseTrainer` on
+  a progressive schedule (cheapest block first, ``--stage_steps`` optimizer steps per block; at the end of its
+  stage a block's α is 1). At the end of stages 1, 2, 4 and 8 a deep copy is collapsed (``collapse_model``)
+  and evaluated.
 * ``plain fine-tuning``: the same trainable parameters (the MLP weights of those 8 blocks; everything else frozen),
   data, steps, learning rate and seed, without collapsing, evaluated at the same steps. Fine-tuning on Shakespeare
   lowers held-out perplexity by itself; the cost of collapsing is LayerCollapse against plain fine-tuning at the
@@ -144,7 +145,7 @@ def layercollapse(base, order: list[str], calibration, train, heldout, args) -> 
     model = copy.deepcopy(base)
     blocks = {b.name: b.index for b in hlc.find_mlp_blocks(model)}
     config = hlc.LayerCollapseConfig(layers_to_transform=sorted(blocks[name] for name in order),
-                                     reg_weight=args.reg_weight)
+                                     reg_weight=args.reg_weight, linear_target=args.linear_target)
     hlc.get_collapse_model(model, config, calibration_data=batches(calibration, args.eval_batch))
     train_only_mlps(model, order)
     assert list(hlc.injected_activations(model)) == sorted(order, key=blocks.get)
@@ -273,7 +274,11 @@ def main() -> None:
     parser.add_argument("--alpha_lr", type=float, default=0.2)
     parser.add_argument("--reg_weight", type=float, default=10.0)
     parser.add_argument("--heldout_tokens", type=int, default=4096)
-    parser.add_argument("--calibration_tokens", type=int, default=2048)
+    parser.add_argument("--calibration_tokens", type=int, default=8192,
+                        help="Hamlet tokens: the planner fits on half, measures on the other half")
+    parser.add_argument("--linear_target", choices=["default", "fitted"], default="fitted",
+                        help="LayerCollapseConfig.linear_target: c starts at the mean of act(gate(x)) or at its "
+                             "least-squares fit (on the calibration text)")
     parser.add_argument("--eval_batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -315,8 +320,7 @@ def main() -> None:
     minutes = (time.time() - started) / 60
     env = {**environment(), "args": vars(args), "minutes": minutes, "timings": timings}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    planner_blocks = [{"name": c.name, "method": c.method, "cost": c.cost, "cost_constant_gate": c.cost_exact,
-                       "cost_least_squares": c.cost_least_squares} for c in ranked]
+    planner_blocks = [{"name": c.name, "method": c.method, "cost": c.cost, "costs": c.costs} for c in ranked]
     (RESULTS / "gated_perplexity.json").write_text(json.dumps(
         {"environment": env, "original_perplexity": original, "params_original": base_params, "order": order,
          "planner_ranking": planner_blocks, "rows": rows, "summary": summary, "verdicts": verdicts,
@@ -337,6 +341,8 @@ def main() -> None:
         f"{args.seq_len} tokens of Hamlet; training: windows of the other 40 texts. Budget: {args.stage_steps} "
         f"optimizer steps per block × {args.num_blocks} blocks, batch {args.batch_size} × {args.seq_len} tokens "
         f"({tokens} tokens per step), AdamW lr {args.lr} (constant), α lr {args.alpha_lr}, λ {args.reg_weight}, "
+        f"c starts at {'the mean of act(gate(x))' if args.linear_target == 'default' else 'its least-squares fit'} "
+        f"on the calibration text (linear_target={args.linear_target!r}), "
         f"seed {args.seed}; trainable: the MLP weights of the {args.num_blocks} blocks (plus α and c for "
         f"LayerCollapse), everything else frozen. Perplexity cells: value (change vs the original model); "
         f"collapse cost: LayerCollapse vs plain fine-tuning after the same steps.\n\n"

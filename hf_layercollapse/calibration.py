@@ -45,7 +45,8 @@ def calibration_batches(data, model: nn.Module, batch_size: int = 8) -> list[dic
     return batches
 
 
-#: Bytes of fp64 statistics held at once by :func:`collect_statistics`; more blocks than fit take more passes.
+#: Bytes of fp64 sums gathered in one pass by :func:`collect_statistics`; more blocks than fit take more passes
+#: (:func:`~hf_layercollapse.plan_collapse` measures and drops each pass's blocks before the next pass).
 STATISTICS_MEMORY = 4 * 2**30
 
 
@@ -141,7 +142,7 @@ class GateStats:
         w = down_weight.detach().to(self.up_gram.device, torch.float64)
         products = w.T @ w
         gram = products * self.up_gram
-        rhs = (products * self.up_cross).sum(1)
+        rhs = products.mul_(self.up_cross).sum(1)  # in place: one channels² temporary fewer
         gram.diagonal().add_(ridge * gram.diagonal().mean().clamp(min=1e-12))
         return torch.linalg.solve(gram, rhs)
 
@@ -211,7 +212,8 @@ def _statistics_bytes(model: nn.Module, block: MLPBlock, least_squares: bool, ga
 def statistics_passes(model: nn.Module, blocks: list[MLPBlock], least_squares: bool = True, gate_fit: bool = True,
                       memory: int = STATISTICS_MEMORY) -> list[list[MLPBlock]]:
     """``blocks`` in groups whose fp64 sums fit in ``memory`` bytes: one calibration pass per group (a gated
-    block's gate statistics grow with the square of its intermediate size: about 2 GB for a Llama-7B block)."""
+    block's gate statistics grow with the square of its intermediate size: about 2 GB for a Llama-7B block, plus
+    two more channels² temporaries while :meth:`GateStats.fit` solves)."""
     groups: list[list[MLPBlock]] = []
     used = 0
     for block in blocks:

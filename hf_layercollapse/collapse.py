@@ -41,7 +41,7 @@ def merge_projections(fc1: nn.Module, fc2: nn.Module,
     w1, b1 = _as_linear(fc1)
     w2, b2 = _as_linear(fc2)
     if line is not None:
-        slope, offset = (t.detach().to(w1.dtype).reshape(-1) for t in line)
+        slope, offset = (t.detach().to(w1.device, w1.dtype).reshape(-1) for t in line)
         if slope.numel() != w1.shape[0] or offset.numel() != w1.shape[0]:
             raise ValueError(f"The line has {slope.numel()} slopes and {offset.numel()} offsets but the block has "
                              f"{w1.shape[0]} channels.")

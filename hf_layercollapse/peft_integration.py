@@ -509,8 +509,10 @@ def get_lora_collapse_model(
             blend).
         adapter_name: The PEFT adapter name.
         calibration_data: Gated blocks only: batches (or a dataset) on which ``c`` starts as the per-channel mean of
-            ``act(gate(x))`` of the base model (see :func:`calibrate_gate_constants`); without it, the mean over a
-            dummy batch, as in :func:`~hf_layercollapse.get_collapse_model`.
+            ``act(gate(x))`` of the base model, or its least-squares fit with ``linear_target="fitted"`` (then
+            required; see :func:`calibrate_gate_constants`); without it, the mean over a dummy batch, as in
+            :func:`~hf_layercollapse.get_collapse_model`. With ``peft.get_peft_model`` and
+            ``linear_target="fitted"``, call :func:`calibrate_gate_constants` yourself before training.
         kwargs: Passed to ``peft.get_peft_model`` (``autocast_adapter_dtype``, ``low_cpu_mem_usage``...).
 
     Returns:
@@ -537,6 +539,9 @@ def get_lora_collapse_model(
     collapse_config = collapse_config if collapse_config is not None else LayerCollapseConfig()
     if collapse_config.lora_config is not None:
         raise ValueError("collapse_config already has a lora_config: pass the LoRA settings once.")
+    if collapse_config.linear_target == "fitted" and calibration_data is None:
+        raise ValueError("linear_target='fitted' fits the gate constants on calibration data: pass "
+                         "calibration_data= (a few hundred examples of your task), or use linear_target='default'.")
     config = replace(collapse_config, lora_config=lora_config)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     if calibration_data is not None:

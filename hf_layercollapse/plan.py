@@ -15,7 +15,9 @@ from torch import nn
 from .architectures import Layout
 
 PLAN_KEY = "layercollapse"
-PLAN_FORMAT = 1
+#: Newest plan format this version reads. Format 2: an injected block may carry a fitted line (``"line": true``,
+#: whose buffers an older reader would drop silently); plans without one are still written as format 1.
+PLAN_FORMAT = 2
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -67,7 +69,7 @@ def record_block(model: nn.Module, name: str, layout: Layout, state: str, config
 
     plan = get_plan(model)
     if plan is None:
-        plan = {"format": PLAN_FORMAT, "blocks": {}}
+        plan = {"format": 1, "blocks": {}}
     plan["library_version"] = __version__
     plan["base_model_type"] = model.config.model_type
     plan.setdefault("base_architecture", type(model).__name__)
@@ -75,5 +77,7 @@ def record_block(model: nn.Module, name: str, layout: Layout, state: str, config
     if config is not None:
         plan["config"] = config.to_dict()
     plan["blocks"][to_base_name(model, name)] = {"state": state, "layout": layout.to_dict(), **info}
+    if info.get("line"):
+        plan["format"] = max(plan.get("format", 1), 2)
     setattr(model.config, PLAN_KEY, plan)
     mark_model(model)

@@ -276,13 +276,16 @@ def plan_collapse(
     model.eval()
     try:
         merges = sum(4 if b.kind is BlockKind.GATED else 3 for b in blocks)  # candidates measured per block
-        steps = len(fit_batches) * len(statistics_passes(model, blocks)) + len(eval_batches) * (1 + merges)
+        groups = statistics_passes(model, blocks)
+        steps = len(fit_batches) * len(groups) + len(eval_batches) * (1 + merges)
         with tqdm(total=steps, desc="plan_collapse", disable=not show_progress) as progress:
-            stats = collect_statistics(model, blocks, fit_batches, progress)
             objective = _Objective(model, eval_batches)
             baseline = objective(progress)
-            candidates = [_measure(model, block, stats[block.name], objective, baseline, ridge, progress)
-                          for block in blocks]
+            candidates = []
+            for group in groups:  # each group's sums are dropped once its blocks are measured: bounded memory
+                stats = collect_statistics(model, group, fit_batches, progress)
+                candidates += [_measure(model, block, stats.pop(block.name), objective, baseline, ridge, progress)
+                               for block in group]
         candidates = [c for c in candidates if c.params_saved > 0]
         ranked = sorted(candidates, key=lambda c: c.cost)
         params_total = sum(p.numel() for p in model.parameters())

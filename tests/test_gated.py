@@ -102,7 +102,12 @@ def _block_tensors(model, block, batches):
     """(u, g, y) of every unpadded token: up projection, gate activation and the block's output."""
     owner = model.get_submodule(block.name)
     captured = {"u": [], "g": [], "y": []}
-    hooks = [owner.get_submodule(block.layout.fc1).register_forward_hook(lambda m, a, o: captured["u"].append(o)),
+    fused = block.layout.gate == block.layout.fc1  # Phi-3's gate_up_proj: [gate | up]
+
+    def up(module, args, out):
+        captured["u"].append(out.chunk(2, dim=-1)[1] if fused else out)
+
+    hooks = [owner.get_submodule(block.layout.fc1).register_forward_hook(up),
              owner.get_submodule(block.layout.act).register_forward_hook(lambda m, a, o: captured["g"].append(o)),
              owner.get_submodule(block.layout.fc2).register_forward_hook(lambda m, a, o: captured["y"].append(o))]
     with torch.no_grad():
@@ -114,8 +119,9 @@ def _block_tensors(model, block, batches):
     return [torch.cat([t.reshape(-1, t.shape[-1]) for t in captured[k]])[keep].double() for k in "ugy"]
 
 
-def test_least_squares_gate_constant_is_the_minimiser_of_the_relative_output_error():
-    model = gated_model("qwen2")
+@pytest.mark.parametrize("name", ["qwen2", "phi3"])
+def test_least_squares_gate_constant_is_the_minimiser_of_the_relative_output_error(name):
+    model = gated_model(name)
     batches = [{"input_ids": torch.randint(1, 99, (3, 9), generator=torch.Generator().manual_seed(i)),
                 "attention_mask": torch.ones(3, 9, dtype=torch.long)} for i in range(2)]
     batches[0]["attention_mask"][1, 5:] = 0

@@ -3,6 +3,8 @@ least-squares line `a·z + b` instead of the identity; exact at α = 0, collapsi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import (
@@ -15,7 +17,7 @@ from conftest import (
     outputs,
     set_alphas,
 )
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from tiny_models import D, tiny_model
 from transformers import AutoModel, TrainingArguments
 
@@ -70,6 +72,8 @@ def test_fitted_target_collapses_exactly_and_reloads(name, tmp_path):
     set_alphas(model, 0.4)
     blended = outputs(model, inputs)
     model.save_pretrained(tmp_path / "injected")  # mid-training checkpoint: the fitted lines travel with it
+    saved = json.loads((tmp_path / "injected" / "config.json").read_text())["layercollapse"]
+    assert saved["format"] == 2  # older readers, which would drop the lines silently, refuse the checkpoint
     loaded = AutoModel.from_pretrained(tmp_path / "injected").eval()
     for act, twin in zip(hlc.injected_activations(model).values(), hlc.injected_activations(loaded).values()):
         assert torch.equal(twin.slope, act.slope) and torch.equal(twin.offset, act.offset)
@@ -158,3 +162,5 @@ def test_bad_uses_of_the_fitted_target():
         hlc.get_collapse_model(tiny_model("bert"), FITTED)
     with pytest.raises(ValueError, match="not supported through PEFT"):
         get_peft_model(tiny_model("bert"), hlc.LayerCollapseConfig(linear_target="fitted"))
+    with pytest.raises(ValueError, match="pass calibration_data="):
+        hlc.get_lora_collapse_model(tiny_model("bert"), LoraConfig(target_modules=["query"]), FITTED)

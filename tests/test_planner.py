@@ -108,6 +108,20 @@ def test_plan_orders_blocks_by_their_measured_cost_and_respects_num_blocks():
     assert "encoder.layer" in str(plan) and plan.params_saved == 2 * (2 * 32 * 64 + 64 + 32 - 32 * 32 - 32)
 
 
+def test_planner_measures_block_groups_one_pass_at_a_time(monkeypatch):
+    """Beyond the statistics memory budget the planner gathers, measures and drops one group of blocks at a time:
+    the same costs and maps as one pass."""
+    import hf_layercollapse.planner as planner
+
+    model, data = tiny_bert(), batches()
+    whole = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
+    monkeypatch.setattr(planner, "statistics_passes", lambda model, blocks: [[b] for b in blocks])
+    split = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
+    assert [c.costs for c in split.candidates] == pytest.approx([c.costs for c in whole.candidates])
+    for a, b in zip(split.candidates, whole.candidates):
+        assert a.method == b.method and (a.weight is None or torch.equal(a.weight, b.weight))
+
+
 def test_params_fraction_and_max_loss_budgets():
     model, data = tiny_bert(), batches()
     total = sum(p.numel() for p in model.parameters())
