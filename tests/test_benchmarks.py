@@ -13,7 +13,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 @pytest.mark.parametrize("script, expected", [
     ("speed.py", "collapsed all 6"),
-    ("trainer_overhead.py", "ratio (ours / plain)"),
+    ("trainer_overhead.py", "ratio: trainer overhead"),
     ("load_memory.py", "load collapsed last 6"),
     ("quality.py", "planner (data-aware)"),
     ("gated_perplexity.py", "collapse cost after training"),
