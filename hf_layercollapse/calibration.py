@@ -185,11 +185,23 @@ class BlockStats:
     line: LineStats | None = None
 
 
-def _mask_for(batch: dict, inputs: torch.Tensor) -> torch.Tensor | None:
-    mask = batch.get("attention_mask")
+def _mask_for(batch: dict, inputs: torch.Tensor, key: str = "attention_mask") -> torch.Tensor | None:
+    mask = batch.get(key)
     if isinstance(mask, torch.Tensor) and inputs.dim() == 3 and mask.shape == inputs.shape[:2]:
         return mask
     return None
+
+
+def _mask_keys(model: nn.Module, blocks: list[MLPBlock]) -> dict[str, str]:
+    """The batch key of each block's padding mask: ``decoder_attention_mask`` for the decoder blocks of an
+    encoder-decoder model (its ``attention_mask`` belongs to the encoder's tokens), else ``attention_mask``."""
+    decoder = None
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_decoder"):
+        decoder = model.get_decoder()
+    inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) else set()
+    return {b.name: "decoder_attention_mask" if id(model.get_submodule(b.path("fc1"))) in inside else "attention_mask"
+            for b in blocks}
 
 
 def _up_half(block: MLPBlock, output: torch.Tensor) -> torch.Tensor:
@@ -245,18 +257,20 @@ def _collect(model: nn.Module, blocks: list[MLPBlock], batches: list[dict], prog
              least_squares: bool, gate_fit: bool, lines: bool) -> dict[str, BlockStats]:
     stats: dict[str, BlockStats] = {}
     handles, current = [], {}
+    mask_keys = _mask_keys(model, blocks)
     for block in blocks:
         fc1, fc2 = model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2"))
         d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
         entry = stats[block.name] = BlockStats()
+        key = mask_keys[block.name]
         stash: dict[str, torch.Tensor] = {}
         if least_squares:
             entry.least_squares = LeastSquaresStats(d_in, d_out, fc1.weight.device)
             entry.relative_least_squares = LeastSquaresStats(d_in, d_out, fc1.weight.device, relative=True)
             handles.append(fc1.register_forward_pre_hook(lambda m, args, s=stash: s.__setitem__("x", args[0])))
 
-            def record(module, args, output, s=stash, e=entry):
-                mask = _mask_for(current, s["x"])
+            def record(module, args, output, s=stash, e=entry, k=key):
+                mask = _mask_for(current, s["x"], k)
                 e.least_squares.update(s["x"], output, mask)
                 e.relative_least_squares.update(s["x"], output, mask)
 
@@ -268,15 +282,15 @@ def _collect(model: nn.Module, blocks: list[MLPBlock], batches: list[dict], prog
             handles.append(fc1.register_forward_hook(
                 lambda m, args, out, s=stash, b=block: s.__setitem__("up", _up_half(b, out))))
 
-            def record_gate(module, args, output, s=stash, e=entry):  # gate and up of this call are known
-                e.gate.update(s["gate"], s["up"], output, _mask_for(current, s["up"]))
+            def record_gate(module, args, output, s=stash, e=entry, k=key):  # gate and up of this call are known
+                e.gate.update(s["gate"], s["up"], output, _mask_for(current, s["up"], k))
 
             handles.append(fc2.register_forward_hook(record_gate))
         elif lines:
             entry.line = LineStats(projection_shape(fc1)[1], fc1.weight.device)
             act = model.get_submodule(block.path("act"))
             handles.append(act.register_forward_hook(
-                lambda m, args, out, e=entry: e.line.update(args[0], out, _mask_for(current, args[0]))))
+                lambda m, args, out, e=entry, k=key: e.line.update(args[0], out, _mask_for(current, args[0], k))))
     was_training = model.training
     model.eval()
     try:

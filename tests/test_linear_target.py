@@ -164,3 +164,24 @@ def test_bad_uses_of_the_fitted_target():
         get_peft_model(tiny_model("bert"), hlc.LayerCollapseConfig(linear_target="fitted"))
     with pytest.raises(ValueError, match="pass calibration_data="):
         hlc.get_lora_collapse_model(tiny_model("bert"), LoraConfig(target_modules=["query"]), FITTED)
+
+
+def test_decoder_blocks_use_the_decoder_mask_not_the_encoders():
+    """Encoder-decoder models: the encoder's attention_mask must not drop decoder tokens (same lengths here)."""
+    from hf_layercollapse.calibration import collect_statistics
+
+    model = tiny_model("t5")
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 3:] = 0  # 3 padded encoder tokens
+    batch = {"input_ids": torch.randint(3, 90, (2, 6)), "attention_mask": mask,
+             "decoder_input_ids": torch.randint(3, 90, (2, 6))}
+    blocks = hlc.find_mlp_blocks(model)
+
+    def counts(batch):
+        stats = collect_statistics(model, blocks, [batch], least_squares=False, gate_fit=False, lines=True)
+        return {b.name.split(".")[0]: int(stats[b.name].line.sums[4, 0]) for b in blocks}
+
+    assert counts(batch) == {"encoder": 9, "decoder": 12}
+    decoder_mask = torch.ones(2, 6, dtype=torch.long)
+    decoder_mask[1, 4:] = 0
+    assert counts({**batch, "decoder_attention_mask": decoder_mask}) == {"encoder": 9, "decoder": 10}
