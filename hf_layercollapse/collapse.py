@@ -192,8 +192,9 @@ def collapse_model(
             injected block within the threshold; the others are kept and reported. Naming a block whose α is
             farther than ``threshold`` from 1 is an error unless ``force=True``.
         threshold: τ; default: the ``threshold`` of the config used at injection (0.05).
-        force: Merge the named blocks even when α is far from 1 (the merged block then computes
-            ``W2·W1·x + b``, dropping the activation's non-linear part).
+        force: Merge the named blocks even when α is far from 1 (the merged block then computes the block with
+            its activation replaced by the linear target: ``W2·W1·x + b``, or with a fitted line
+            ``W2·diag(a)·W1·x + b``, or the constant gate; the activation's non-linear part is dropped).
         plan: A collapse plan (see above); ``blocks``, ``threshold`` and ``force`` must then be left unset.
 
     Returns:
