@@ -50,6 +50,15 @@ def calibration_batches(data, model: nn.Module, batch_size: int = 8) -> list[dic
 STATISTICS_MEMORY = 4 * 2**30
 
 
+def _tokens(mask: torch.Tensor | None, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``tensors`` as fp64 ``[tokens, features]`` matrices, padding tokens (``mask == 0``) left out."""
+    flat = [t.reshape(-1, t.shape[-1]).to(torch.float64) for t in tensors]
+    if mask is not None and mask.numel() == flat[0].shape[0]:
+        keep = mask.reshape(-1).bool()
+        flat = [t[keep] for t in flat]
+    return flat
+
+
 class LeastSquaresStats:
     """Streaming sums ``XᵀWX`` and ``XᵀWY`` (fp64) of a block's inputs X (with a column of ones) and outputs Y.
 
@@ -66,11 +75,7 @@ class LeastSquaresStats:
         self.relative = relative
 
     def update(self, inputs: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor | None) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
-        y = outputs.reshape(-1, outputs.shape[-1]).to(torch.float64)
-        if mask is not None and mask.numel() == x.shape[0]:
-            keep = mask.reshape(-1).bool()
-            x, y = x[keep], y[keep]
+        x, y = _tokens(mask, inputs, outputs)
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
         weighted = x / y.pow(2).mean(1, keepdim=True).clamp(min=1e-12) if self.relative else x
         self.gram += weighted.T @ x
@@ -104,12 +109,7 @@ class GateStats:
         self.count = 0
 
     def update(self, gate: torch.Tensor, up: torch.Tensor, output: torch.Tensor, mask: torch.Tensor | None) -> None:
-        g = gate.reshape(-1, gate.shape[-1]).to(torch.float64)
-        u = up.reshape(-1, up.shape[-1]).to(torch.float64)
-        y = output.reshape(-1, output.shape[-1]).to(torch.float64)
-        if mask is not None and mask.numel() == g.shape[0]:
-            keep = mask.reshape(-1).bool()
-            g, u, y = g[keep], u[keep], y[keep]
+        g, u, y = _tokens(mask, gate, up, output)
         self.gate_sum += g.sum(0)
         self.count += g.shape[0]
         if self.up_gram is not None:
@@ -155,11 +155,7 @@ class LineStats:
         self.sums = torch.zeros(5, channels, dtype=torch.float64, device=device)  # Σz, Σact, Σz², Σz·act, count
 
     def update(self, inputs: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor | None) -> None:
-        z = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
-        g = outputs.reshape(-1, outputs.shape[-1]).to(torch.float64)
-        if mask is not None and mask.numel() == z.shape[0]:
-            keep = mask.reshape(-1).bool()
-            z, g = z[keep], g[keep]
+        z, g = _tokens(mask, inputs, outputs)
         count = torch.full((z.shape[1],), float(z.shape[0]), dtype=z.dtype, device=z.device)
         self.sums += torch.stack([z.sum(0), g.sum(0), (z * z).sum(0), (z * g).sum(0), count])
 

@@ -57,11 +57,16 @@ PLAN_FILE, WEIGHTS_FILE = "collapse_plan.json", "collapse_plan.safetensors"
 METHODS = ("exact", "constant_gate", "fitted_gate", "least_squares", "relative_least_squares")
 
 
+def _simple_method(kind: BlockKind) -> str:
+    """The merge every block has: ``W2·W1`` (plain) or the gate at its calibration mean (gated)."""
+    return "constant_gate" if kind is BlockKind.GATED else "exact"
+
+
 def _costs(row: dict) -> dict[str, float]:
     """A saved candidate's costs (plans written before ``costs`` existed kept two of them)."""
     if "costs" in row:
         return dict(row["costs"])
-    simple = "constant_gate" if row["layout"]["kind"] == BlockKind.GATED.value else "exact"
+    simple = _simple_method(BlockKind(row["layout"]["kind"]))
     return {simple: row["cost_exact"], "least_squares": row["cost_least_squares"]}
 
 
@@ -75,20 +80,20 @@ class PlannedBlock:
     # "fitted_gate" (gated: the constant gate fitted to the block's output), "least_squares" (the affine map fitted
     # to the block's output) or "relative_least_squares" (the same, each token's error relative to its output's size)
     method: str
-    cost: float
     costs: dict[str, float]  # every candidate's measured cost, by method
     params_saved: int
     weight: torch.Tensor | None = field(default=None, repr=False)  # the chosen map [out, in] (not for "exact")
     bias: torch.Tensor | None = field(default=None, repr=False)
 
     @property
-    def simple_method(self) -> str:
-        return "constant_gate" if self.layout.kind is BlockKind.GATED else "exact"
+    def cost(self) -> float:
+        """Cost of the chosen merge."""
+        return self.costs[self.method]
 
     @property
     def cost_exact(self) -> float:
         """Cost of the simple merge: ``W2·W1`` (plain) or the gate at its calibration mean (gated)."""
-        return self.costs[self.simple_method]
+        return self.costs[_simple_method(self.layout.kind)]
 
     @property
     def cost_least_squares(self) -> float:
@@ -159,7 +164,7 @@ class CollapsePlan:
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{directory} does not hold a readable collapse plan ({PLAN_FILE}, {WEIGHTS_FILE}): "
                              f"{err}") from err
-        candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"]), c["method"], c["cost"], _costs(c),
+        candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"]), c["method"], _costs(c),
                                    c["params_saved"], tensors.get(f"{c['name']}.weight"),
                                    tensors.get(f"{c['name']}.bias")) for c in data["candidates"]]
         by_name = {b.name: b for b in candidates}
@@ -308,10 +313,9 @@ def _measure(model, block: MLPBlock, stats: BlockStats, objective: _Objective, b
     if block.kind is BlockKind.GATED:
         merges["constant_gate"] = merge_block(owner, block.layout, stats.gate.mean())
         merges["fitted_gate"] = merge_block(owner, block.layout, stats.gate.fit(linear_weight(fc2), ridge))
-        simple = "constant_gate"
     else:
         merges["exact"] = merge_block(owner, block.layout)
-        simple = "exact"
+    simple = _simple_method(block.kind)
     for method, fit in (("least_squares", stats.least_squares), ("relative_least_squares",
                                                                   stats.relative_least_squares)):
         weight, bias = fit.solve(ridge)
@@ -330,7 +334,7 @@ def _measure(model, block: MLPBlock, stats: BlockStats, objective: _Objective, b
         weight = chosen.weight.detach().float().cpu()
         weight = weight.T.contiguous() if isinstance(chosen, Conv1D) else weight
         bias = chosen.bias.detach().float().cpu() if chosen.bias is not None else torch.zeros(weight.shape[0])
-    return PlannedBlock(block.name, block.layout, method, costs[method], costs, before - after, weight, bias)
+    return PlannedBlock(block.name, block.layout, method, costs, before - after, weight, bias)
 
 
 def _replacement(model, planned: PlannedBlock) -> nn.Module:

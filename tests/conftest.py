@@ -180,3 +180,18 @@ def trainable_kinds(model: nn.Module) -> dict[str, int]:
 
 def no_peft_left(model: nn.Module) -> bool:
     return not any(isinstance(m, BaseTunerLayer) for m in model.modules()) and not hasattr(model, "peft_config")
+
+
+@pytest.fixture(scope="module")
+def minilm_and_tweets():
+    """The real all-MiniLM-L6-v2 (``AutoModel``, eval) and six padded batches of 16 real tweets (48 tokens)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from hf_layercollapse import assets
+
+    path = assets.minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = list(assets.load_tweets()["train"]["text"][:96])
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=48, return_tensors="pt")
+    data = [{k: v[i:i + 16] for k, v in encoded.items()} for i in range(0, 96, 16)]
+    return AutoModel.from_pretrained(path).eval(), data

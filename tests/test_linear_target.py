@@ -93,11 +93,11 @@ def test_fitted_target_collapses_exactly_and_reloads(name, tmp_path):
 
 
 @torch.no_grad()
-def test_fitted_target_is_a_far_smaller_change_than_the_identity_on_real_minilm(minilm):
+def test_fitted_target_is_a_far_smaller_change_than_the_identity_on_real_minilm(minilm_and_tweets):
     """The reason for the option, in numbers: with the last two blocks at α = 1 (no training), the fitted lines keep
     the real MiniLM's hidden states far closer to the original than the paper's identity (measured: 0.60 vs 1.18
     relative error; most GELU channels are mostly negative, where GELU is near 0, not near the identity)."""
-    model, batches = minilm
+    model, batches = minilm_and_tweets
     inputs = batches[-1]
     mask = inputs["attention_mask"].unsqueeze(-1)
     original = model(**inputs).last_hidden_state * mask
@@ -112,20 +112,6 @@ def test_fitted_target_is_a_far_smaller_change_than_the_identity_on_real_minilm(
 
     fitted, identity = linearised("fitted"), linearised("default")
     assert fitted < 0.6 * identity
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from transformers import AutoTokenizer
-
-    from hf_layercollapse import assets
-
-    path = assets.minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = list(assets.load_tweets()["train"]["text"][:48])
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-    return AutoModel.from_pretrained(path).eval(), [{k: v[i:i + 16] for k, v in encoded.items()}
-                                                    for i in range(0, 48, 16)]
 
 
 def test_fitted_lines_stay_fixed_while_alpha_trains(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModel, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 import hf_layercollapse as hlc
 from hf_layercollapse.calibration import LeastSquaresStats, collect_statistics, replaced_blocks
@@ -206,18 +206,6 @@ def test_bad_input():
         hlc.plan_collapse(model, batches(), num_blocks=1, max_loss_increase=0.1)
     with pytest.raises(ValueError, match="leave blocks"):
         hlc.collapse_model(model, plan=hlc.CollapsePlan([], [], "", 0.0, 0.0, 0), threshold=0.1)
-
-
-@pytest.fixture(scope="module")
-def minilm_and_tweets():
-    from hf_layercollapse import assets
-
-    path = assets.minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = list(assets.load_tweets()["train"]["text"][:96])
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=48, return_tensors="pt")
-    data = [{k: v[i:i + 16] for k, v in encoded.items()} for i in range(0, 96, 16)]
-    return AutoModel.from_pretrained(path).eval(), data
 
 
 def test_real_minilm_least_squares_beats_the_naive_merge_on_held_out_tweets(minilm_and_tweets):
