@@ -17,7 +17,9 @@ Every method at k collapsed blocks has had exactly the same training: the same o
   regularised alone for a stage and then held linear, then the next; at checkpoint k a copy with the k finished
   blocks collapsed (``collapse_model``) is evaluated. The recovery steps adapt the all-linear model.
   ``--linear_target fitted``: the blend goes towards each channel's least-squares line fitted on the 256
-  calibration tweets instead of the identity (``LayerCollapseConfig(linear_target="fitted")``).
+  calibration tweets instead of the identity (``LayerCollapseConfig(linear_target="fitted")``); with
+  ``--refit_targets`` each block's line is fitted again when its stage starts, on the model as fine-tuning left it
+  (``LayerCollapseTrainer(calibration_data=...)``).
   ``--order planned``: the stages follow the planner's ranking of the blocks after the warm-up steps.
 * Plain fine-tuning: one ``Trainer`` run with the same schedule; at checkpoint k the uncompressed model is evaluated
   (the reference at equal training) and, on copies of it, the baselines for the last k blocks: naive
@@ -187,7 +189,9 @@ def layercollapse(base, train_data, collator, test, calibration, args, seed: int
     fitted = activation == "blend" and args.linear_target == "fitted"
     config = hlc.LayerCollapseConfig(activation=activation, linear_target="fitted" if fitted else "default")
     model = hlc.get_collapse_model(copy.deepcopy(base), config, calibration_data=calibration if fitted else None)
-    method = f"layercollapse-{activation}" + ("-fitted" if fitted else "") + ("-planned" if order else "")
+    refit = fitted and args.refit_targets
+    method = (f"layercollapse-{activation}" + ("-fitted" if fitted else "") + ("-refit" if refit else "")
+              + ("-planned" if order else ""))
     rows = []
     order = order or list(hlc.injected_activations(model))[::-1]  # deepest first
 
@@ -203,7 +207,8 @@ def layercollapse(base, train_data, collator, test, calibration, args, seed: int
     collapse_args = hlc.CollapseArguments(alpha_learning_rate=args.alpha_lr, reg_weight=args.reg_weight,
                                           progressive_steps=args.stage_steps, progressive_start=args.warmup_steps,
                                           progressive_order=",".join(order))
-    train(model, train_data, collator, args, seed, callback, hlc.LayerCollapseTrainer, collapse_args=collapse_args)
+    train(model, train_data, collator, args, seed, callback, hlc.LayerCollapseTrainer, collapse_args=collapse_args,
+          calibration_data=calibration if refit else None)
     return rows
 
 
@@ -278,6 +283,8 @@ def main() -> None:
     parser.add_argument("--linear_target", choices=["default", "fitted"], default="default",
                         help="LayerCollapseConfig.linear_target of the blend runs ('fitted': per-channel lines fitted "
                              "on the 256 calibration tweets)")
+    parser.add_argument("--refit_targets", action="store_true",
+                        help="with --linear_target fitted: refit each block's line when its stage starts")
     parser.add_argument("--order", choices=["deepest_first", "planned"], default="deepest_first",
                         help="LayerCollapse stage order: the paper's, or the planner's ranking after the warm-up")
     parser.add_argument("--quick", action="store_true")
@@ -345,7 +352,8 @@ def merge(args) -> None:
     """Combine the rows of several runs (different seeds, same settings) into results/<--name>.*."""
     loaded = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.merge]
     defaults = {"methods": ["baselines", "blend", "prelu"], "order": "deepest_first",  # runs from before these
-                "linear_target": "default"}  # options existed ran them all, in this order, with this target
+                "linear_target": "default", "refit_targets": False}  # options existed ran them all, in this
+    # order, with this target and no refit
     settings = [{**defaults, **{k: v for k, v in item["environment"]["args"].items()
                                 if k not in ("seeds", "name", "merge")}} for item in loaded]
     if any(s != settings[0] for s in settings):

@@ -12,7 +12,7 @@ from .card import build_collapse_report, render_model_card
 from .collapse import collapse_model, merge_projections
 from .config import LayerCollapseConfig
 from .hub import push_to_hub, save_for_hub
-from .injection import get_collapse_model, injected_activations, regularization_loss
+from .injection import get_collapse_model, injected_activations, refit_linear_targets, regularization_loss
 from .modeling import MODEL_TYPE, LayerCollapseConfigError
 from .peft_integration import (
     LayerCollapseLayer,
@@ -52,6 +52,7 @@ __all__ = [
     "merge_projections",
     "plan_collapse",
     "push_to_hub",
+    "refit_linear_targets",
     "regularization_loss",
     "render_model_card",
     "save_for_hub",

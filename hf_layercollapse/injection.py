@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -9,7 +11,9 @@ from .activation import CollapsibleActivation
 from .architectures import BlockKind, MLPBlock, check_not_moe, find_mlp_blocks, select_blocks
 from .calibration import activation_lines, gate_constants
 from .config import LayerCollapseConfig
-from .plan import record_block, set_module
+from .plan import get_plan, record_block, set_module
+
+logger = logging.getLogger(__name__)
 
 
 def injected_activations(model: nn.Module) -> dict[str, CollapsibleActivation]:
@@ -141,6 +145,78 @@ def get_collapse_model(
         record_block(model, block.name, block.layout, "injected", mode=config.activation, config=config,
                      **fitted_line)
     return model
+
+
+def check_refittable(model: nn.Module) -> None:
+    """Raise if ``model``'s targets cannot be refitted: PEFT LayerCollapse adapters keep theirs per adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapters = [n for n, act in injected_activations(model).items() if isinstance(act, BaseTunerLayer)]
+    if adapters:
+        raise ValueError(f"{adapters[0]} (and {len(adapters) - 1} more) are PEFT LayerCollapse layers: their "
+                         "targets are not refitted during training; set their gate constants once, before training, "
+                         "with hf_layercollapse.calibrate_gate_constants.")
+
+
+@torch.no_grad()
+def refit_linear_targets(model: nn.Module, calibration_data, blocks: list[str] | None = None) -> list[str]:
+    """Fit the linear targets of injected blocks again, on the model as it is now, over ``calibration_data``.
+
+    The target is what a block's activation blends towards: a plain block's per-channel line
+    (``linear_target="fitted"``) and a gated block's constant ``c`` (the mean of ``act(gate(x))``, or with
+    ``"fitted"`` its least-squares fit). Fine-tuning moves the weights, so a target fitted at injection drifts away
+    from the best one; :class:`~hf_layercollapse.LayerCollapseTrainer` (``calibration_data=``) calls this for each
+    block when its α starts to move. Only blocks at α = 0 exactly are refitted: their output does not depend on the
+    target, so refitting changes no output. Plain blocks blending towards the identity have nothing to fit.
+
+    Args:
+        model: A model prepared by :func:`get_collapse_model`.
+        calibration_data: Batches (or a dataset) of model inputs, as for :func:`get_collapse_model`.
+        blocks: Names of injected blocks (keys of :func:`injected_activations`); default: all of them.
+
+    Returns:
+        The names of the blocks whose target was refitted.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> import hf_layercollapse as hlc
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                              intermediate_size=64)).eval()
+        >>> data = [{"input_ids": torch.randint(0, 100, (4, 8))}]
+        >>> config = hlc.LayerCollapseConfig(linear_target="fitted")
+        >>> model = hlc.get_collapse_model(model, config, calibration_data=data)
+        >>> with torch.no_grad():
+        ...     _ = model.encoder.layer[0].intermediate.dense.weight.mul_(2.0)  # fine-tuning moved the weights
+        >>> hlc.refit_linear_targets(model, data)
+        ['encoder.layer.0', 'encoder.layer.1']
+    """
+    acts = injected_activations(model)
+    names = list(acts) if blocks is None else list(blocks)
+    unknown = [n for n in names if n not in acts]
+    if unknown:
+        raise ValueError(f"refit_linear_targets: {unknown} are not injected blocks; this model has {list(acts)}.")
+    check_refittable(model)
+    moved = [n for n in names if acts[n].alpha_value != 0.0]
+    if moved and blocks is not None:
+        logger.warning("refit_linear_targets: %s have α != 0 (their output depends on the target): not refitted.",
+                       moved)
+    chosen = [n for n in names if n not in moved]
+    plain = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].slope is not None]
+    gated = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].gate_constant is not None]
+    fitted = (get_plan(model) or {}).get("config", {}).get("linear_target") == "fitted"
+    targets: dict[str, tuple[torch.Tensor, ...]] = {
+        **{name: (c,) for name, c in gate_constants(model, gated, calibration_data,
+                                                      method="least_squares" if fitted else "mean").items()},
+        **activation_lines(model, plain, calibration_data)}
+    for name, values in targets.items():
+        act = acts[name]
+        for buffer, value in zip((act.gate_constant,) if act.gate_constant is not None else (act.slope, act.offset),
+                                 values):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(value, src=0)  # every process holds the same target
+            buffer.copy_(value.to(buffer.device, buffer.dtype))
+    return [n for n in chosen if n in targets]
 
 
 def regularization_loss(model: nn.Module) -> torch.Tensor:

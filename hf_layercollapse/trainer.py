@@ -22,7 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .activation import CollapsibleActivation
 from .collapse import collapse_model
-from .injection import injected_activations, regularization_loss
+from .injection import check_refittable, injected_activations, refit_linear_targets, regularization_loss
 from .peft_integration import merge_lora_and_collapse, peft_trainer_settings
 from .plan import get_plan
 from .report import CollapseReport
@@ -220,6 +220,32 @@ class ProgressiveSchedule(TrainerCallback):
                         act.gate_constant.copy_(gate)
 
 
+class RefitTargets(TrainerCallback):
+    """Refits each block's linear target (:func:`~hf_layercollapse.refit_linear_targets`) on the trainer's
+    ``calibration_data`` when its α starts to move: at the first step (all blocks at once), or at the start of the
+    block's progressive stage. Until then the block is at α = 0, so refitting changes no output; a resumed run
+    refits at the same steps as an uninterrupted one."""
+
+    def __init__(self, trainer: Trainer, calibration_data) -> None:
+        self.trainer, self.calibration_data = trainer, calibration_data
+
+    def starting(self, step: int) -> list[str]:
+        """The blocks whose α starts to move at optimizer step ``step + 1``."""
+        progressive = self.trainer.progressive
+        if progressive is None:
+            return list(injected_activations(self.trainer.model)) if step == 0 else []
+        offset = step - self.trainer.collapse_args.progressive_start
+        stage, within = divmod(offset, self.trainer.collapse_args.progressive_steps)
+        return [progressive.names[stage]] if offset >= 0 and within == 0 and stage < len(progressive.names) else []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        names = self.starting(state.global_step)
+        if names:
+            refitted = refit_linear_targets(self.trainer.model, self.calibration_data, names)
+            if refitted:
+                logger.info("step %d: refitted the linear targets of %s", state.global_step, refitted)
+
+
 def _gate(act: CollapsibleActivation) -> torch.Tensor | None:
     gate = getattr(act, "gate_constant", None)
     return None if gate is None else gate.detach().clone()
@@ -228,7 +254,8 @@ def _gate(act: CollapsibleActivation) -> torch.Tensor | None:
 class LayerCollapseTrainerMixin:
     """Adds LayerCollapse to a ``transformers.Trainer`` subclass (see :class:`LayerCollapseTrainer`)."""
 
-    def __init__(self, *args, collapse_args: CollapseArguments | None = None, **kwargs) -> None:
+    def __init__(self, *args, collapse_args: CollapseArguments | None = None, calibration_data=None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.collapse_args = replace(collapse_args) if collapse_args is not None else CollapseArguments()
         if not injected_activations(self.model):
@@ -263,6 +290,12 @@ class LayerCollapseTrainerMixin:
                                  "held); use DDP or FSDP, or train all blocks at once (progressive_steps=0).")
             self.progressive = ProgressiveSchedule(self)
             self.add_callback(self.progressive)
+        if calibration_data is not None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise ValueError("calibration_data (refitting linear targets during training) needs the whole model "
+                                 "on every process: use DDP, or leave calibration_data out under FSDP / DeepSpeed.")
+            check_refittable(self.model)
+            self.add_callback(RefitTargets(self, calibration_data))
 
     # ----------------------------------------------------------------------------------------------- schedule
     def current_reg_weight(self) -> float:
@@ -437,6 +470,11 @@ class LayerCollapseTrainer(LayerCollapseTrainerMixin, Trainer):
     Args:
         collapse_args: :class:`CollapseArguments` (λ and its schedule, α learning rate and clamping,
             ``collapse_at_end``, threshold). Every other argument is ``Trainer``'s.
+        calibration_data: Batches (or a dataset) of model inputs, as for
+            :func:`~hf_layercollapse.get_collapse_model`. When given, each block's linear target (the fitted line
+            of ``linear_target="fitted"``, a gated block's ``c``) is fitted again on the model as fine-tuning left
+            it, at the step its α starts to move (its progressive stage; the first step otherwise): see
+            :func:`~hf_layercollapse.refit_linear_targets`. Not with FSDP, DeepSpeed or PEFT adapters.
 
     Example:
         >>> import torch

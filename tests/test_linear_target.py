@@ -3,6 +3,7 @@ least-squares line `a·z + b` instead of the identity; exact at α = 0, collapsi
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -171,3 +172,58 @@ def test_decoder_blocks_use_the_decoder_mask_not_the_encoders():
     decoder_mask = torch.ones(2, 6, dtype=torch.long)
     decoder_mask[1, 4:] = 0
     assert counts({**batch, "decoder_attention_mask": decoder_mask}) == {"encoder": 9, "decoder": 10}
+
+
+def _moved(model) -> torch.nn.Module:
+    """``model`` after a stand-in for fine-tuning: the first (and gate) projection of every MLP block scaled and
+    shifted."""
+    with torch.no_grad():
+        for block in hlc.find_mlp_blocks(model):
+            parts = {block.path("fc1"), block.path("gate") if block.kind is hlc.BlockKind.GATED else block.path("fc1")}
+            for part in parts:
+                model.get_submodule(part).weight.mul_(1.5).add_(0.05)
+    return model
+
+
+@pytest.mark.parametrize("name, linear_target", [("bert", "fitted"), ("llama", "default"), ("llama", "fitted"),
+                                                  ("phi3", "fitted")])
+def test_refit_linear_targets_fits_the_moved_model_and_changes_no_output(name, linear_target):
+    """After the weights moved, a refit gives the targets that injecting the moved model would give (lines, c by
+    mean or least squares), at α = 0 changes no output, and leaves a block whose α moved alone."""
+    from tiny_models import gated_model
+
+    original = gated_model(name) if name != "bert" else tiny_model(name)
+    batches = calibration(original)
+    config = hlc.LayerCollapseConfig(linear_target=linear_target)
+    model = hlc.get_collapse_model(copy.deepcopy(original), config, calibration_data=batches)
+    expected = hlc.get_collapse_model(_moved(copy.deepcopy(original)), config, calibration_data=batches)
+    _moved(model)
+    acts, wanted = hlc.injected_activations(model), hlc.injected_activations(expected)
+    first, *_, last = list(acts)
+    acts[last].alpha.data.fill_(0.5)  # this block's output depends on its target: it keeps it
+    kept = {k: v.clone() for k, v in acts[last].state_dict().items()}
+    inputs = make_inputs(model)
+    before = outputs(model, inputs)
+    assert hlc.refit_linear_targets(model, batches) == list(acts)[:-1]
+    assert max_abs_diff(outputs(model, inputs), before) == 0.0
+    target = "gate_constant" if name != "bert" else "slope"
+    torch.testing.assert_close(getattr(acts[first], target), getattr(wanted[first], target), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(getattr(acts[first], target), getattr(hlc.injected_activations(
+        hlc.get_collapse_model(copy.deepcopy(original), config, calibration_data=batches))[first], target))
+    if name == "bert":
+        torch.testing.assert_close(acts[first].offset, wanted[first].offset, rtol=1e-5, atol=1e-6)
+    for key, value in acts[last].state_dict().items():
+        assert torch.equal(value, kept[key]), key
+
+
+def test_refit_linear_targets_bad_input():
+    model = tiny_model("bert")
+    batches = calibration(model)
+    hlc.get_collapse_model(model, FITTED, calibration_data=batches)
+    with pytest.raises(ValueError, match="not injected blocks"):
+        hlc.refit_linear_targets(model, batches, blocks=["encoder.layer.9"])
+    identity = hlc.get_collapse_model(tiny_model("bert"))
+    assert hlc.refit_linear_targets(identity, batches) == []  # the identity has nothing to fit
+    peft_model = get_peft_model(tiny_model("bert"), hlc.LayerCollapseConfig())
+    with pytest.raises(ValueError, match="calibrate_gate_constants"):
+        hlc.refit_linear_targets(peft_model, batches)

@@ -462,3 +462,100 @@ def test_progressive_schedule_resumes_exactly(tmp_path):
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
     assert [v.item() for k, v in full.items() if k.endswith(".alpha")] == [1.0, 1.0, 1.0]
+
+
+class LinesAtStepBegin(TrainerCallback):
+    """Each block's fitted line at the start of every step, and the line a fit of the model as it is then gives."""
+
+    def __init__(self, model, batches):
+        self.model, self.batches, self.seen = model, batches, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        acts = hlc.injected_activations(self.model)
+        blocks = [hlc.MLPBlock(name, i, act.layout) for i, (name, act) in enumerate(acts.items())]
+        fits = hlc.calibration.activation_lines(self.model, blocks, self.batches)
+        self.seen.append({name: (act.slope.clone(), fits[name][0]) for name, act in acts.items()})
+
+
+def test_trainer_refits_each_blocks_line_when_its_stage_starts(tmp_path):
+    """With calibration_data, block i's line is the fit of the model as it is when its stage starts (steps 1, 3, 5
+    begin the stages: global_step 1, 3, 5 at step begin), and stays fixed from there; without, it keeps the line
+    fitted at injection."""
+    batches = [{"input_ids": torch.stack([d["input_ids"] for d in classification_data(8)])}]
+    config = hlc.LayerCollapseConfig(linear_target="fitted", reg_weight=1.0)
+    collapse_args = hlc.CollapseArguments(progressive_steps=2, progressive_start=1, alpha_learning_rate=0.2)
+    runs = {}
+    for refit in (True, False):
+        model = hlc.get_collapse_model(bert_classifier_3_blocks(), config, calibration_data=batches)
+        args = training_args(tmp_path, max_steps=7, per_device_train_batch_size=4, optim="adamw_torch",
+                             learning_rate=1e-2)
+        trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=classification_data(),
+                                           collapse_args=collapse_args, calibration_data=batches if refit else None)
+        record = LinesAtStepBegin(model, batches)
+        trainer.add_callback(record)  # after the trainer's own callbacks: sees the refitted lines
+        trainer.train()
+        runs[refit] = record.seen
+    names = list(runs[True][0])
+    for step, block in ((1, names[2]), (3, names[1]), (5, names[0])):  # deepest first
+        line, fit = runs[True][step][block]
+        torch.testing.assert_close(line, fit, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(line, runs[True][0][block][0], atol=1e-4)  # the model moved since injection
+        assert all(torch.equal(seen[block][0], line) for seen in runs[True][step:])  # fixed from then on
+        assert all(torch.equal(seen[block][0], runs[False][0][block][0]) for seen in runs[False])
+
+
+def test_trainer_refits_every_line_at_the_first_step_without_a_progressive_schedule(tmp_path):
+    batches = [{"input_ids": torch.stack([d["input_ids"] for d in classification_data(8)])}]
+    model = hlc.get_collapse_model(bert_classifier_3_blocks(), hlc.LayerCollapseConfig(linear_target="fitted"),
+                                   calibration_data=batches)
+    with torch.no_grad():  # the weights change after injection (e.g. another fine-tuned state is loaded)
+        model.bert.encoder.layer[1].intermediate.dense.weight.mul_(2.0)
+    injected = {name: act.slope.clone() for name, act in hlc.injected_activations(model).items()}
+    trainer = hlc.LayerCollapseTrainer(model=model, args=training_args(tmp_path, max_steps=2, learning_rate=1e-3),
+                                       train_dataset=classification_data(), calibration_data=batches)
+    record = LinesAtStepBegin(model, batches)
+    trainer.add_callback(record)
+    trainer.train()
+    first, second = record.seen
+    for name, (line, fit) in first.items():
+        torch.testing.assert_close(line, fit, rtol=1e-5, atol=1e-6)
+        assert torch.equal(second[name][0], line)  # α moved after step 1: no refit any more
+    assert not torch.allclose(first["bert.encoder.layer.1"][0], injected["bert.encoder.layer.1"], atol=1e-4)
+
+
+def test_trainer_with_calibration_data_resumes_exactly(tmp_path):
+    """The refit of the block whose stage starts at the checkpoint's step happens again on resume, on the same model:
+    the resumed run ends where the uninterrupted one does."""
+    class StopAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    batches = [{"input_ids": torch.stack([d["input_ids"] for d in classification_data(8)])}]
+
+    def run(out, resume=None, callbacks=None):
+        config = hlc.LayerCollapseConfig(linear_target="fitted", reg_weight=1.0)
+        model = hlc.get_collapse_model(bert_classifier_3_blocks(), config, calibration_data=batches)
+        args = training_args(out, max_steps=6, per_device_train_batch_size=4, optim="adamw_torch",
+                             learning_rate=1e-2, save_strategy="steps", save_steps=3)
+        trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=classification_data(),
+                                           collapse_args=hlc.CollapseArguments(progressive_steps=3,
+                                                                               alpha_learning_rate=0.2),
+                                           callbacks=callbacks, calibration_data=batches)
+        trainer.train(resume_from_checkpoint=resume)
+        return state(model)
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "part", callbacks=[StopAtStep3()])
+    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-3"))
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert [k for k in full if k.endswith(".slope")]
+
+
+def test_trainer_calibration_data_bad_input(tmp_path):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(bert_classifier(), hlc.LayerCollapseConfig())
+    with pytest.raises(ValueError, match="calibrate_gate_constants"):
+        hlc.LayerCollapseTrainer(model=peft_model, args=training_args(tmp_path), train_dataset=classification_data(),
+                                 calibration_data=[{"input_ids": torch.tensor([[1, 2, 3]])}])
