@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, PreTrainedModel, Trainer
 
 import hf_layercollapse as hlc
@@ -65,6 +66,17 @@ class LayerCollapseArguments:
     init_alpha: float | None = field(
         default=None, metadata={"help": "Initial α (default 0.0 for blend, 0.01 for prelu)."}
     )
+    linear_target: str = field(
+        default="default",
+        metadata={"help": "What the blend goes towards: 'default' (the identity; gated blocks: the mean gate) or "
+                          "'fitted' (each channel's least-squares line; gated blocks: the fitted gate), fitted on "
+                          "the calibration samples and again when each block starts to collapse."},
+    )
+    calibration_samples: int = field(
+        default=256,
+        metadata={"help": "Training examples used as calibration data: gated blocks' gate constants, fitted targets, "
+                          "and their refit during training. 0: none (then linear_target must be 'default')."},
+    )
 
     def to_config(self, collapse_args: hlc.CollapseArguments) -> hlc.LayerCollapseConfig:
         """The ``LayerCollapseConfig`` these options describe, with λ and τ taken from ``collapse_args``."""
@@ -74,6 +86,7 @@ class LayerCollapseArguments:
             "layers_to_transform": self.layers_to_transform,
             "activation": self.activation,
             "init_alpha": self.init_alpha,
+            "linear_target": self.linear_target,
         }
         if collapse_args.reg_weight is not None:
             kwargs["reg_weight"] = collapse_args.reg_weight
@@ -130,6 +143,15 @@ def parse_config_overrides(overrides: str | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             result[key.strip()] = value.strip()
     return result
+
+
+def calibration_data(dataset, collator: Callable, samples: int, batch_size: int = 32) -> DataLoader | None:
+    """The first ``samples`` rows of the (tokenized / transformed) training set in collated batches: calibration
+    data for ``hlc.get_collapse_model`` and ``hlc.LayerCollapseTrainer`` (None when ``samples`` is 0). Every
+    process gets the same batches, so under DDP every process fits the same targets."""
+    if samples <= 0:
+        return None
+    return DataLoader(dataset.select(range(min(samples, len(dataset)))), batch_size=batch_size, collate_fn=collator)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -49,6 +49,7 @@ import transformers
 from datasets import DatasetDict, load_dataset
 from layercollapse_utils import (
     LayerCollapseArguments,
+    calibration_data,
     count_parameters,
     parse_arguments,
     parse_config_overrides,
@@ -187,8 +188,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, cache_dir=model_args.cache_dir)
     model, model_description = build_model(model_args, data_args, tokenizer)
     params_original = count_parameters(model)
-    config = injection_args.to_config(collapse_args)
-    model = hlc.get_collapse_model(model, config)
 
     # ------------------------------------------------------------------ data: tokenize, concatenate, cut in blocks
     raw = load_raw_data(data_args, model_args)
@@ -221,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if data_args.max_eval_samples is not None:
         splits["eval"] = splits["eval"].select(range(min(data_args.max_eval_samples, len(splits["eval"]))))
 
+    calibration = calibration_data(splits["train"], default_data_collator, injection_args.calibration_samples,
+                                   training_args.per_device_eval_batch_size)
+    config = injection_args.to_config(collapse_args)
+    model = hlc.get_collapse_model(model, config, calibration_data=calibration)
     accuracy = load_metric("accuracy")
 
     def preprocess_logits_for_metrics(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
@@ -247,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         collapse_args=collapse_args,
+        calibration_data=calibration,
     )
     return run_layercollapse(
         trainer,
@@ -260,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "train_blocks": len(splits["train"]),
             "eval_blocks": len(splits["eval"]),
             "layercollapse_config": config.to_dict(),
+            "calibration_samples": injection_args.calibration_samples,
         },
         metrics_hook=add_perplexity,
         greater_is_better=False,

@@ -44,6 +44,7 @@ import transformers
 from datasets import ClassLabel, DatasetDict, load_dataset
 from layercollapse_utils import (
     LayerCollapseArguments,
+    calibration_data,
     count_parameters,
     parse_arguments,
     parse_config_overrides,
@@ -209,8 +210,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
         model_description = f"{model_type} from config ({overrides or 'defaults'})"
     params_original = count_parameters(model)
-    config = injection_args.to_config(collapse_args)
-    model = hlc.get_collapse_model(model, config)
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
         images = [image.convert("RGB") for image in batch[image_column]]
@@ -226,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "labels": torch.tensor([example["labels"] for example in examples]),
         }
 
+    calibration = calibration_data(train_data, collate, injection_args.calibration_samples,
+                                   training_args.per_device_eval_batch_size)
+    config = injection_args.to_config(collapse_args)
+    model = hlc.get_collapse_model(model, config, calibration_data=calibration)
     accuracy = load_metric("accuracy")
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
@@ -241,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_collator=collate,
         compute_metrics=compute_metrics,
         collapse_args=collapse_args,
+        calibration_data=calibration,
     )
     return run_layercollapse(
         trainer,
@@ -253,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "train_rows": len(train_data),
             "eval_rows": len(eval_data),
             "layercollapse_config": config.to_dict(),
+            "calibration_samples": injection_args.calibration_samples,
         },
         start_time=start,
         params_original=params_original,

@@ -46,6 +46,7 @@ import transformers
 from datasets import ClassLabel, DatasetDict, load_dataset
 from layercollapse_utils import (
     LayerCollapseArguments,
+    calibration_data,
     count_parameters,
     parse_arguments,
     run_layercollapse,
@@ -175,8 +176,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         revision=model_args.model_revision,
     )
     params_original = count_parameters(model)
-    config = injection_args.to_config(collapse_args)
-    model = hlc.get_collapse_model(model, config)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         texts = (list(batch[text_column]),)
@@ -195,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_data = train_data.map(tokenize, batched=True, remove_columns=train_data.column_names)
         eval_data = eval_data.map(tokenize, batched=True, remove_columns=eval_data.column_names)
 
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=None)
+    calibration = calibration_data(train_data, collator, injection_args.calibration_samples,
+                                   training_args.per_device_eval_batch_size)
+    config = injection_args.to_config(collapse_args)
+    model = hlc.get_collapse_model(model, config, calibration_data=calibration)
     accuracy = load_metric("accuracy")
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
@@ -207,9 +211,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=None),
+        data_collator=collator,
         compute_metrics=compute_metrics,
         collapse_args=collapse_args,
+        calibration_data=calibration,
     )
     return run_layercollapse(
         trainer,
@@ -222,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "train_rows": len(train_data),
             "eval_rows": len(eval_data),
             "layercollapse_config": config.to_dict(),
+            "calibration_samples": injection_args.calibration_samples,
         },
         start_time=start,
         params_original=params_original,

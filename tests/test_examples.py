@@ -122,8 +122,10 @@ def test_clm_offline(tmp_path: Path) -> None:
           "--output_dir", str(output_dir), *QUICK,
           "--config_overrides", "n_layer=2,n_embd=32,n_head=2,n_positions=64",
           "--block_size", "32", "--max_train_texts", "200", "--max_eval_texts", "100", "--max_eval_samples", "8",
-          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"])
+          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+          "--linear_target", "fitted", "--calibration_samples", "16"])  # lines fitted, refitted in training
     results = _check_results(output_dir, "perplexity")
+    assert results["layercollapse_config"]["linear_target"] == "fitted" and results["calibration_samples"] == 16
     assert results["block_size"] == 32 and results["eval_blocks"] == 8
     token_accuracy = results["eval_collapsed"]["collapsed_accuracy"]
     assert results["eval_reloaded"]["reloaded_accuracy"] == pytest.approx(token_accuracy)
@@ -138,7 +140,8 @@ def test_image_classification_offline(tmp_path: Path) -> None:
           "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
                                 "image_size=28,patch_size=7",
           "--max_train_samples", "32", "--max_eval_samples", "16",
-          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16"])
+          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+          "--linear_target", "fitted", "--calibration_samples", "16"])
     results = _check_results(output_dir, "accuracy")
     assert results["train_rows"] == 32 and results["eval_rows"] == 16
     assert (output_dir / "preprocessor_config.json").is_file()
