@@ -20,8 +20,13 @@ start of Hamlet; training text: the other 40 Shakespeare texts (shuffled 256-tok
   lowers held-out perplexity by itself; the cost of collapsing is LayerCollapse against plain fine-tuning at the
   same step.
 
-Writes results/gated_perplexity.{json,md,png}. Aims (issue #10): with training, collapsing costs ≤ 3% perplexity at
-k = 4 and ≤ 10% at k = 8 (no-training greedy least squares measured +0.8/+2.7/+7.6/+29% at k = 1/2/4/8).
+``--refit_targets``: each block's ``c`` is fitted again on the calibration text when its stage starts, on the model as
+the earlier stages left it (``LayerCollapseTrainer(calibration_data=...)``). ``--planner_from NAME`` reuses the
+planner's ranking and rows of results/NAME.json (a run with the same data settings) instead of measuring the 30
+blocks again (most of the run's time); the report says so.
+
+Writes results/gated_perplexity.{json,md,png} (``--name``). Aims (issue #10): with training, collapsing costs ≤ 3%
+perplexity at k = 4 and ≤ 10% at k = 8 (no-training greedy least squares measured +0.8/+2.7/+7.6/+29% at k = 1/2/4/8).
 """
 
 from __future__ import annotations
@@ -109,6 +114,21 @@ def planner(base, calibration: torch.Tensor, heldout: torch.Tensor, args) -> tup
     return ranked, rows
 
 
+def reused_planner(args) -> tuple[list, list[dict]]:
+    """The ranking and rows of an earlier run's planner (``--planner_from``), after checking its data settings."""
+    earlier = json.loads((RESULTS / f"{args.planner_from}.json").read_text())
+    same = ("seq_len", "heldout_tokens", "calibration_tokens", "eval_batch", "seed")
+    different = {k: (earlier["environment"]["args"].get(k), getattr(args, k)) for k in same
+                 if earlier["environment"]["args"].get(k) != getattr(args, k)}
+    if different:
+        raise SystemExit(f"--planner_from {args.planner_from}: other data settings {different}")
+    ranked = [argparse.Namespace(**{k: c[k] for k in ("name", "method", "cost", "costs")})
+              for c in earlier["planner_ranking"]]
+    rows = [r for r in earlier["rows"] if r["method"] == "planner" and r["k"] in args.ks]
+    print(f"planner: ranking and rows reused from results/{args.planner_from}.json", flush=True)
+    return ranked, rows
+
+
 # ------------------------------------------------------------------------------------------------- fine-tuning
 class EvaluateAt(TrainerCallback):
     """At the end of optimizer step ``S·k`` (k in ``ks``) evaluate ``measure(model, k)``."""
@@ -163,7 +183,9 @@ def layercollapse(base, order: list[str], calibration, train, heldout, args) -> 
     collapse_args = hlc.CollapseArguments(reg_weight=args.reg_weight, alpha_learning_rate=args.alpha_lr,
                                           progressive_steps=args.stage_steps, progressive_order=",".join(order))
     trainer = hlc.LayerCollapseTrainer(model=model, args=training_arguments(args, args.stage_steps * len(order)),
-                                       train_dataset=train, collapse_args=collapse_args, callbacks=[evaluate])
+                                       train_dataset=train, collapse_args=collapse_args, callbacks=[evaluate],
+                                       calibration_data=batches(calibration, args.eval_batch) if args.refit_targets
+                                       else None)
     trainer.remove_callback(PrinterCallback)  # α and the losses are logged every step: keep them in log_history
     trainer.train()
     return evaluate.rows, trainer.state.log_history
@@ -279,6 +301,11 @@ def main() -> None:
     parser.add_argument("--linear_target", choices=["default", "fitted"], default="fitted",
                         help="LayerCollapseConfig.linear_target: c starts at the mean of act(gate(x)) or at its "
                              "least-squares fit (on the calibration text)")
+    parser.add_argument("--refit_targets", action="store_true",
+                        help="refit each block's c on the calibration text when its stage starts")
+    parser.add_argument("--planner_from", metavar="NAME",
+                        help="reuse the planner ranking and rows of results/NAME.json (same data settings)")
+    parser.add_argument("--name", default="gated_perplexity", help="results/NAME.{json,md,png}")
     parser.add_argument("--eval_batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -300,7 +327,10 @@ def main() -> None:
     heldout, calibration, train = load_texts(tokenizer, args)
     original = perplexity(base, heldout, args.eval_batch)
     print(f"original held-out perplexity {original:.3f}", flush=True)
-    ranked, rows = planner(base, calibration, heldout, args)
+    if args.planner_from:
+        ranked, rows = reused_planner(args)
+    else:
+        ranked, rows = planner(base, calibration, heldout, args)
     order = [c.name for c in ranked[:args.num_blocks]]
     timings = {"planner_min": (time.time() - started) / 60}
     ours, ours_log = layercollapse(base, order, calibration, train, heldout, args)
@@ -321,11 +351,11 @@ def main() -> None:
     env = {**environment(), "args": vars(args), "minutes": minutes, "timings": timings}
     RESULTS.mkdir(parents=True, exist_ok=True)
     planner_blocks = [{"name": c.name, "method": c.method, "cost": c.cost, "costs": c.costs} for c in ranked]
-    (RESULTS / "gated_perplexity.json").write_text(json.dumps(
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"environment": env, "original_perplexity": original, "params_original": base_params, "order": order,
          "planner_ranking": planner_blocks, "rows": rows, "summary": summary, "verdicts": verdicts,
          "log_layercollapse": ours_log, "log_plain": plain_log}, indent=2) + "\n")
-    plot(original, rows, args, RESULTS / "gated_perplexity.png")
+    plot(original, rows, args, RESULTS / f"{args.name}.png")
     alphas = {}
     for entry in ours_log:  # the α each block reached in its stage, before it was set to 1 (logged every step)
         for i, name in enumerate(order):
@@ -333,7 +363,12 @@ def main() -> None:
                 alphas[name] = entry[f"alpha/{name}"]
     reached = ", ".join(f"{name.split('.')[-2]}: {a:.2f}" for name, a in alphas.items())
     tokens = args.batch_size * args.seq_len
-    (RESULTS / "gated_perplexity.md").write_text(
+    reused = (f" The planner column (and the order) is reused from `results/{args.planner_from}.json`: "
+              f"`{json.loads((RESULTS / f'{args.planner_from}.json').read_text())['environment']['command']}`."
+              if args.planner_from else "")
+    refit = (" Each block's c is fitted again on the calibration text when its stage starts (`--refit_targets`)."
+             if args.refit_targets else "")
+    (RESULTS / f"{args.name}.md").write_text(
         f"# Gated MLPs: held-out perplexity against collapsed blocks (SmolLM2-135M-Instruct, Shakespeare)\n\n"
         f"Command: `{env['command']}` ({minutes:.0f} min on {env['machine']}, {args.threads} torch thread of "
         f"{env['cpus']} CPUs, fp32; torch {env['torch']}, transformers {env['transformers']}).\n\n"
@@ -345,10 +380,10 @@ def main() -> None:
         f"on the calibration text (linear_target={args.linear_target!r}), "
         f"seed {args.seed}; trainable: the MLP weights of the {args.num_blocks} blocks (plus α and c for "
         f"LayerCollapse), everything else frozen. Perplexity cells: value (change vs the original model); "
-        f"collapse cost: LayerCollapse vs plain fine-tuning after the same steps.\n\n"
+        f"collapse cost: LayerCollapse vs plain fine-tuning after the same steps.{refit}{reused}\n\n"
         f"Order (the planner's ranking, cheapest first): {', '.join(n.split('.')[-2] for n in order)}. "
         f"α reached in each block's stage before it was set to 1: {reached}.\n\n{table}\n\n"
-        + "\n".join(f"- {v}" for v in verdicts) + "\n\n![perplexity against k](gated_perplexity.png)\n")
+        + "\n".join(f"- {v}" for v in verdicts) + f"\n\n![perplexity against k]({args.name}.png)\n")
 
 
 if __name__ == "__main__":

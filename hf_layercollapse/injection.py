@@ -197,11 +197,12 @@ def refit_linear_targets(model: nn.Module, calibration_data, blocks: list[str] |
     if unknown:
         raise ValueError(f"refit_linear_targets: {unknown} are not injected blocks; this model has {list(acts)}.")
     check_refittable(model)
-    moved = [n for n in names if acts[n].alpha_value != 0.0]
+    with_target = [n for n in names if acts[n].slope is not None or acts[n].gate_constant is not None]
+    moved = [n for n in with_target if acts[n].alpha_value != 0.0]
     if moved and blocks is not None:
         logger.warning("refit_linear_targets: %s have α != 0 (their output depends on the target): not refitted.",
                        moved)
-    chosen = [n for n in names if n not in moved]
+    chosen = [n for n in with_target if n not in moved]
     plain = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].slope is not None]
     gated = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].gate_constant is not None]
     fitted = (get_plan(model) or {}).get("config", {}).get("linear_target") == "fitted"
@@ -216,7 +217,7 @@ def refit_linear_targets(model: nn.Module, calibration_data, blocks: list[str] |
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.broadcast(value, src=0)  # every process holds the same target
             buffer.copy_(value.to(buffer.device, buffer.dtype))
-    return [n for n in chosen if n in targets]
+    return chosen
 
 
 def regularization_loss(model: nn.Module) -> torch.Tensor:
