@@ -17,7 +17,7 @@ from .modeling import MODEL_TYPE, LayerCollapseConfigError
 from .peft_integration import (
     LayerCollapseLayer,
     LayerCollapseModel,
-    calibrate_gate_constants,
+    calibrate_linear_targets,
     get_lora_collapse_model,
     merge_lora_and_collapse,
 )
@@ -42,7 +42,7 @@ __all__ = [
     "MLPBlock",
     "__version__",
     "build_collapse_report",
-    "calibrate_gate_constants",
+    "calibrate_linear_targets",
     "collapse_model",
     "find_mlp_blocks",
     "get_collapse_model",

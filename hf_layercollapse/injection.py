@@ -155,7 +155,7 @@ def check_refittable(model: nn.Module) -> None:
     if adapters:
         raise ValueError(f"{adapters[0]} (and {len(adapters) - 1} more) are PEFT LayerCollapse layers: their "
                          "targets are not refitted during training; set their gate constants once, before training, "
-                         "with hf_layercollapse.calibrate_gate_constants.")
+                         "with hf_layercollapse.calibrate_linear_targets.")
 
 
 @torch.no_grad()

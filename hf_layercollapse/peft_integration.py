@@ -10,7 +10,8 @@ PEFT's own entry points:
   activation is wrapped by a :class:`LayerCollapseLayer` holding one trainable α per adapter, and on a gated block
   (Llama, Mistral, Qwen2, Gemma, Phi-3, gated T5) one trainable gate constant ``c`` per adapter too (one value per
   intermediate channel; it starts at the mean of ``act(gate(x))`` over a dummy batch, as in
-  :func:`~hf_layercollapse.get_collapse_model`, or over calibration data with :func:`calibrate_gate_constants`).
+  :func:`~hf_layercollapse.get_collapse_model`, or over calibration data with :func:`calibrate_linear_targets`,
+  which also fits the lines of plain blocks with ``linear_target="fitted"``).
 * ``PeftModel.save_pretrained`` writes ``adapter_config.json`` and the α and ``c`` (and LoRA, and
   ``modules_to_save``) weights; ``PeftModel.from_pretrained`` and ``AutoPeftModelFor...from_pretrained`` rebuild
   them on a plain base.
@@ -34,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from peft.tuners.tuners_utils import set_adapter as _set_layers_adapter
@@ -42,7 +44,7 @@ from transformers import PreTrainedModel
 
 from .activation import CollapsibleActivation
 from .architectures import BlockKind, Layout, MLPBlock, check_not_moe, find_mlp_blocks, select_blocks
-from .calibration import gate_constants
+from .calibration import activation_lines, gate_constants
 from .collapse import collapse_model
 from .config import ACTIVATIONS, PEFT_TYPE, LayerCollapseConfig
 from .injection import _check_not_shared, check_gated_mode, injected_activations
@@ -57,7 +59,7 @@ __all__ = [
     "PEFT_TYPE",
     "LayerCollapseLayer",
     "LayerCollapseModel",
-    "calibrate_gate_constants",
+    "calibrate_linear_targets",
     "get_lora_collapse_model",
     "merge_lora_and_collapse",
     "register_peft_method",
@@ -72,7 +74,8 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
     """PEFT tuner layer around an MLP block's activation: a :class:`~hf_layercollapse.CollapsibleActivation` whose α
     lives in a ``ParameterDict`` keyed by adapter name (``layercollapse_alpha``), as PEFT expects. On a gated block
     the gate constant ``c`` does too (``layercollapse_gate_constant``, one value per intermediate channel): the
-    layer computes ``(1−α)·act(gate(x)) + α·c``.
+    layer computes ``(1−α)·act(gate(x)) + α·c``. On a plain block with ``linear_target="fitted"`` the adapter's
+    fitted line is kept in ``layercollapse_slope`` / ``layercollapse_offset`` (fixed buffers, saved with the adapter).
 
     The original activation is ``base_layer``; ``alpha``, ``gate_constant``, ``mode`` and ``forward`` are those of
     the active adapter, so :func:`~hf_layercollapse.injected_activations`,
@@ -88,6 +91,7 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         mode: ``"blend"`` or ``"prelu"``.
         init_alpha: Initial α.
         gate_constant: Gated blocks only (required there): the initial ``c``.
+        line: Plain blocks, ``mode="blend"``: ``(slope, offset)`` of the fitted line (default: the identity).
 
     Example:
         >>> import torch
@@ -103,7 +107,7 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
     """
 
     adapter_layer_names = ("layercollapse_alpha", "layercollapse_gate_constant")
-    other_param_names = ()
+    other_param_names = ("layercollapse_slope", "layercollapse_offset")
 
     def __init__(
         self,
@@ -115,27 +119,30 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         gate_constant: torch.Tensor | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        line: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.base_layer = base_layer
         self.layercollapse_alpha = nn.ParameterDict()
         self.layercollapse_gate_constant = nn.ParameterDict()  # gated blocks only
         self.layercollapse_mode: dict[str, str] = {}
-        self.register_buffer("slope", None)  # linear_target="fitted" on plain blocks is not supported with PEFT yet
-        self.register_buffer("offset", None)
+        self.layercollapse_slope = BufferDict(persistent=True)  # plain blocks with a fitted line only
+        self.layercollapse_offset = BufferDict(persistent=True)
         self.layout = layout
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, mode, init_alpha, gate_constant, device, dtype)
+        self.update_layer(adapter_name, mode, init_alpha, gate_constant, device, dtype, line)
 
     def update_layer(
         self, adapter_name: str, mode: str, init_alpha: float, gate_constant: torch.Tensor | None = None,
         device: torch.device | None = None, dtype: torch.dtype | None = None,
+        line: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Add adapter ``adapter_name`` (its own α, and on a gated block its own ``c``) to this layer."""
+        """Add adapter ``adapter_name`` (its own α, on a gated block its own ``c``, on a plain block with a fitted
+        target its own line) to this layer."""
         if mode not in ACTIVATIONS:
             raise ValueError(f"mode={mode!r} is not supported: use one of {ACTIVATIONS}.")
         gated = self.layout.kind is BlockKind.GATED
@@ -146,6 +153,8 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
             raise ValueError("A gated MLP block needs the initial gate constant of the adapter (gate_constant=).")
         if not gated and gate_constant is not None:
             raise ValueError("gate_constant is for gated MLP blocks; this block is plain.")
+        if line is not None and (gated or mode != "blend"):
+            raise ValueError("line=(slope, offset) is the target of a plain block's blend (mode='blend').")
         self.layercollapse_alpha[adapter_name] = nn.Parameter(
             torch.full((1,), float(init_alpha), device=device, dtype=dtype)
         )
@@ -153,6 +162,9 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
             self.layercollapse_gate_constant[adapter_name] = nn.Parameter(
                 gate_constant.detach().reshape(-1).to(device=device, dtype=dtype, copy=True)
             )
+        if line is not None:
+            for buffers, value in zip((self.layercollapse_slope, self.layercollapse_offset), line):
+                buffers[adapter_name] = value.detach().reshape(-1).to(device=device, dtype=dtype, copy=True)
         self.layercollapse_mode[adapter_name] = mode
         self.set_adapter(self.active_adapters)
 
@@ -177,6 +189,16 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         if self.layout.kind is not BlockKind.GATED:
             return None
         return self.layercollapse_gate_constant[self._adapter()]
+
+    @property
+    def slope(self) -> torch.Tensor | None:  # type: ignore[override]
+        """Slope of the active adapter's fitted line (plain blocks with ``linear_target="fitted"``), else None."""
+        return self.layercollapse_slope[self._adapter()] if self._adapter() in self.layercollapse_slope else None
+
+    @property
+    def offset(self) -> torch.Tensor | None:  # type: ignore[override]
+        """Offset of the active adapter's fitted line, else None."""
+        return self.layercollapse_offset[self._adapter()] if self._adapter() in self.layercollapse_offset else None
 
     @property
     def mode(self) -> str:  # type: ignore[override]
@@ -208,11 +230,11 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
                               error_msgs) -> None:
         # torch would report a wrong shape as "size mismatch for ...", after reading the whole state dict; say which
         # block the adapter does not fit, and why.
-        for kind in self.adapter_layer_names:
+        for kind in self.adapter_layer_names + self.other_param_names:
             for adapter, param in getattr(self, kind).items():
                 value = state_dict.get(f"{prefix}{kind}.{adapter}")
                 if isinstance(value, torch.Tensor) and value.shape != param.shape:
-                    what = "intermediate channels" if kind == "layercollapse_gate_constant" else "values"
+                    what = "values" if kind == "layercollapse_alpha" else "intermediate channels"
                     raise LayerCollapseConfigError(
                         f"The adapter checkpoint's {kind} of {prefix.rstrip('.')!r} (adapter {adapter!r}) has shape "
                         f"{tuple(value.shape)}, but this MLP block needs {tuple(param.shape)} ({param.numel()} "
@@ -225,7 +247,9 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         adapters = ", ".join(f"{a}: {float(p.detach().float()[0]):.4f}" for a, p in self.layercollapse_alpha.items())
         gated = "" if not self.layercollapse_gate_constant else ", gate_constant={" + ", ".join(
             f"{a}: [{p.numel()}]" for a, p in self.layercollapse_gate_constant.items()) + "}"
-        return f"layout={self.layout.act!r}, alpha={{{adapters}}}{gated}"
+        lines = "" if not len(self.layercollapse_slope) else ", line={" + ", ".join(
+            f"{a}: [{b.numel()}]" for a, b in self.layercollapse_slope.items()) + "}"
+        return f"layout={self.layout.act!r}, alpha={{{adapters}}}{gated}{lines}"
 
 
 def _select_targets(model: nn.Module, config: LayerCollapseConfig) -> tuple[dict[str, MLPBlock], set[str]]:
@@ -259,17 +283,25 @@ def _select_targets(model: nn.Module, config: LayerCollapseConfig) -> tuple[dict
     return {b.path("act"): b for b in kept}, excluded
 
 
-def _base_gate_constants(model: nn.Module, blocks: list[MLPBlock], calibration_data=None,
-                         method: str = "mean") -> dict[str, torch.Tensor]:
-    """:func:`~hf_layercollapse.calibration.gate_constants` of the base model: every adapter layer (LayerCollapse, LoRA)
-    is switched off during the pass, so that ``c`` starts from the original model's gate, as with
-    :func:`~hf_layercollapse.get_collapse_model`."""
+def _base_targets(model: nn.Module, gated: list[MLPBlock], plain: list[MLPBlock], calibration_data=None,
+                  method: str = "mean") -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """The targets of the base model, keyed by block name: ``c`` of the ``gated`` blocks
+    (:func:`~hf_layercollapse.calibration.gate_constants` with ``method``) and the fitted line ``(slope, offset)`` of
+    the ``plain`` ones (:func:`~hf_layercollapse.calibration.activation_lines`), over ``calibration_data`` (default:
+    a dummy batch). Every adapter layer (LayerCollapse, LoRA) is switched off during the pass, so that the targets
+    start from the original model, as with :func:`~hf_layercollapse.get_collapse_model`."""
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     disabled = [m._disable_adapters for m in layers]
     try:
         for layer in layers:  # the flag only: enable_adapters() would also change which parameters are trainable
             layer._disable_adapters = True
-        return gate_constants(model, blocks, calibration_data, method=method)
+        targets: dict[str, Any] = dict(gate_constants(model, gated, calibration_data, method=method))
+        if plain:
+            from .tracing import dummy_inputs
+
+            data = calibration_data if calibration_data is not None else [dummy_inputs(model)]
+            targets.update(activation_lines(model, plain, data))
+        return targets
     finally:
         for layer, flag in zip(layers, disabled):
             layer._disable_adapters = flag
@@ -315,17 +347,13 @@ class LayerCollapseModel(BaseTuner):
 
     def _prepare_model(self, peft_config: LayerCollapseConfig, model: nn.Module) -> None:
         self._targets, self._excluded = _select_targets(model, peft_config)
-        plain = [b.name for b in self._targets.values() if b.kind is BlockKind.PLAIN]
-        if peft_config.linear_target == "fitted" and plain:
-            raise ValueError(
-                f"linear_target='fitted' on plain MLP blocks ({plain[0]}, ...) is not supported through PEFT yet: "
-                "use hf_layercollapse.get_collapse_model(model, config, calibration_data=...), or "
-                "linear_target='default' with PEFT (gated blocks support 'fitted' with calibrate_gate_constants)."
-            )
-        # gated blocks: c starts at the mean of act(gate(x)) over a dummy batch (get_collapse_model's default);
-        # calibrate_gate_constants sets it from calibration data, PeftModel.from_pretrained from the checkpoint.
+        # gated blocks: c starts at the mean of act(gate(x)) over a dummy batch (get_collapse_model's default); plain
+        # blocks with linear_target="fitted": the line fitted on that batch. calibrate_linear_targets fits both on
+        # calibration data, PeftModel.from_pretrained reads them from the checkpoint.
         gated = [b for b in self._targets.values() if b.kind is BlockKind.GATED]
-        self._gate_constants = _base_gate_constants(model, gated) if gated else {}
+        plain = [b for b in self._targets.values() if b.kind is BlockKind.PLAIN and peft_config.linear_target ==
+                 "fitted"]
+        self._initial_targets = _base_targets(model, gated, plain) if gated or plain else {}
 
     def _check_target_module_exists(self, peft_config: LayerCollapseConfig, key: str) -> bool | _ExcludedModule:
         if key in self._excluded:
@@ -345,12 +373,14 @@ class LayerCollapseModel(BaseTuner):
         block = self._targets[current_key]
         weight = self.model.get_submodule(block.path("fc1")).weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
-        constant = self._gate_constants.get(block.name)
+        initial = self._initial_targets.get(block.name)
+        constant, line = (initial, None) if block.kind is BlockKind.GATED else (None, initial)
         if isinstance(target, LayerCollapseLayer):
-            target.update_layer(adapter_name, peft_config.activation, peft_config.init_alpha, constant, **factory)
+            target.update_layer(adapter_name, peft_config.activation, peft_config.init_alpha, constant, line=line,
+                                **factory)
             return
         layer = LayerCollapseLayer(target, adapter_name, block.layout, peft_config.activation, peft_config.init_alpha,
-                                   constant, **factory)
+                                   constant, line=line, **factory)
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)  # an additional adapter is not trainable until it is activated
         self._replace_module(parent, target_name, layer, target)
@@ -437,7 +467,9 @@ class LayerCollapseModel(BaseTuner):
                 continue
             alpha = layer.layercollapse_alpha[adapter]
             constant = layer.layercollapse_gate_constant[adapter] if layer.layout.kind is BlockKind.GATED else None
-            act = CollapsibleActivation(layer.base_layer, layer.layercollapse_mode[adapter], 0.0, constant)
+            line = (layer.layercollapse_slope[adapter], layer.layercollapse_offset[adapter]) if (
+                adapter in layer.layercollapse_slope) else None
+            act = CollapsibleActivation(layer.base_layer, layer.layercollapse_mode[adapter], 0.0, constant, line)
             act.layout = layer.layout
             owner = name[: -len(layer.layout.act) - 1] if name != layer.layout.act else ""
             weight = self.model.get_submodule(".".join(p for p in (owner, layer.layout.fc1) if p)).weight
@@ -445,11 +477,12 @@ class LayerCollapseModel(BaseTuner):
             with torch.no_grad():
                 act.alpha.copy_(alpha.detach())
             set_module(self.model, name, act)
-            injected.append((owner, layer.layout, act.mode))
+            injected.append((owner, layer.layout, act.mode, line is not None))
         lora_adapters = adapter_names if adapter_names is not None else [adapter]
         model = super()._unload_and_optionally_merge(True, progressbar, safe_merge, lora_adapters)
-        for owner, layout, mode in injected:
-            record_block(model, owner, layout, "injected", mode=mode, config=config)
+        for owner, layout, mode, fitted in injected:
+            line = {"line": True} if fitted else {}  # apply_plan rebuilds the line's buffers
+            record_block(model, owner, layout, "injected", mode=mode, config=config, **line)
         report = collapse_model(model, blocks=blocks, threshold=config.threshold if threshold is None else threshold,
                                 force=force)
         logger.info("LayerCollapse merge_and_unload:\n%s", report)
@@ -508,11 +541,12 @@ def get_lora_collapse_model(
         collapse_config: Which blocks and how (default ``LayerCollapseConfig()``: every MLP block, plain or gated;
             blend).
         adapter_name: The PEFT adapter name.
-        calibration_data: Gated blocks only: batches (or a dataset) on which ``c`` starts as the per-channel mean of
-            ``act(gate(x))`` of the base model, or its least-squares fit with ``linear_target="fitted"`` (then
-            required; see :func:`calibrate_gate_constants`); without it, the mean over a dummy batch, as in
-            :func:`~hf_layercollapse.get_collapse_model`. With ``peft.get_peft_model`` and
-            ``linear_target="fitted"``, call :func:`calibrate_gate_constants` yourself before training.
+        calibration_data: Batches (or a dataset) on which the targets are fitted (:func:`calibrate_linear_targets`):
+            ``c`` of the gated blocks (the per-channel mean of ``act(gate(x))`` of the base model, or its
+            least-squares fit with ``linear_target="fitted"``) and, with ``"fitted"`` (then required), the lines
+            of the plain blocks. Without it, ``c`` is the mean over a dummy batch, as in
+            :func:`~hf_layercollapse.get_collapse_model`. With ``peft.get_peft_model``, call
+            :func:`calibrate_linear_targets` yourself before training.
         kwargs: Passed to ``peft.get_peft_model`` (``autocast_adapter_dtype``, ``low_cpu_mem_usage``...).
 
     Returns:
@@ -540,33 +574,42 @@ def get_lora_collapse_model(
     if collapse_config.lora_config is not None:
         raise ValueError("collapse_config already has a lora_config: pass the LoRA settings once.")
     if collapse_config.linear_target == "fitted" and calibration_data is None:
-        raise ValueError("linear_target='fitted' fits the gate constants on calibration data: pass "
+        raise ValueError("linear_target='fitted' fits the lines and gate constants on calibration data: pass "
                          "calibration_data= (a few hundred examples of your task), or use linear_target='default'.")
     config = replace(collapse_config, lora_config=lora_config)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
-    if calibration_data is not None:
-        calibrate_gate_constants(peft_model, calibration_data, adapter_name)
+    if calibration_data is not None and _target_layers(peft_model.base_model, adapter_name):
+        calibrate_linear_targets(peft_model, calibration_data, adapter_name)
     return peft_model
 
 
-def calibrate_gate_constants(
+def _target_layers(tuner: LayerCollapseModel, adapter: str) -> dict[str, LayerCollapseLayer]:
+    """The layers of ``adapter`` that have a target to fit (gated blocks, plain blocks with a fitted line)."""
+    return {owner: layer for owner, layer in injected_activations(tuner.model).items()
+            if isinstance(layer, LayerCollapseLayer) and (adapter in layer.layercollapse_gate_constant
+                                                          or adapter in layer.layercollapse_slope)}
+
+
+def calibrate_linear_targets(
     peft_model: PeftModel, calibration_data, adapter_name: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Set the gate constants ``c`` of a LayerCollapse adapter's gated blocks from the base model (every adapter
-    switched off) over ``calibration_data``, padding excluded, as the adapter config's ``linear_target`` says (the
-    per-channel mean of ``act(gate(x))``, or with ``"fitted"`` the least-squares fit of the block's output): the rule of
-    :func:`~hf_layercollapse.get_collapse_model` with ``calibration_data``, for PEFT models. Call it
-    after ``peft.get_peft_model`` and before training (:func:`get_lora_collapse_model` takes ``calibration_data``
-    and calls it).
+) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """Fit the linear targets of a LayerCollapse adapter on the base model (every adapter switched off) over
+    ``calibration_data``, padding excluded, as the adapter config's ``linear_target`` says: the gate constant ``c``
+    of each gated block (the per-channel mean of ``act(gate(x))``, or with ``"fitted"`` the least-squares fit of the
+    block's output) and, with ``"fitted"``, the line of each plain block (each channel's least-squares line of its
+    activation). The rule of :func:`~hf_layercollapse.get_collapse_model` with ``calibration_data``, for PEFT
+    models; call it after ``peft.get_peft_model`` and before training (:func:`get_lora_collapse_model` takes
+    ``calibration_data`` and calls it).
 
     Args:
-        peft_model: A ``PeftModel`` with a LayerCollapse adapter on gated MLP blocks.
+        peft_model: A ``PeftModel`` with a LayerCollapse adapter on gated MLP blocks or fitted plain ones.
         calibration_data: A ``datasets.Dataset`` (padded to a fixed length), a ``DataLoader`` or batches (dicts of
             tensors) for the base model's ``forward``.
-        adapter_name: The adapter whose ``c`` is set (default: the active one).
+        adapter_name: The adapter whose targets are set (default: the active one).
 
     Returns:
-        The new ``c`` per block name (relative to the base model).
+        The new targets per block name (relative to the base model): ``c`` of the gated blocks, ``(slope, offset)``
+        of the plain ones.
 
     Example:
         >>> import torch
@@ -576,29 +619,34 @@ def calibrate_gate_constants(
         >>> model = LlamaModel(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         ...                                intermediate_size=64)).eval()
         >>> peft_model = get_peft_model(model, hlc.LayerCollapseConfig())
-        >>> means = hlc.calibrate_gate_constants(peft_model, [{"input_ids": torch.tensor([[1, 2, 3, 4]])}])
+        >>> means = hlc.calibrate_linear_targets(peft_model, [{"input_ids": torch.tensor([[1, 2, 3, 4]])}])
         >>> act = hlc.injected_activations(peft_model)["base_model.model.layers.0.mlp"]
         >>> sorted(means), torch.equal(act.gate_constant.data, means["layers.0.mlp"])
         (['layers.0.mlp', 'layers.1.mlp'], True)
     """
     tuner = getattr(peft_model, "base_model", None)
     if not isinstance(peft_model, PeftModel) or not isinstance(tuner, LayerCollapseModel):
-        raise TypeError(f"calibrate_gate_constants takes a PeftModel with a LayerCollapse adapter, got "
+        raise TypeError(f"calibrate_linear_targets takes a PeftModel with a LayerCollapse adapter, got "
                         f"{type(peft_model).__name__}; without PEFT pass calibration_data to get_collapse_model.")
     adapter = adapter_name if adapter_name is not None else tuner.active_adapters[0]
     if adapter not in tuner.peft_config:
         raise ValueError(f"Adapter {adapter!r} does not exist; this model has {list(tuner.peft_config)}.")
-    layers = {owner: layer for owner, layer in injected_activations(tuner.model).items()
-              if isinstance(layer, LayerCollapseLayer) and adapter in layer.layercollapse_gate_constant}
+    layers = _target_layers(tuner, adapter)
     if not layers:
-        raise ValueError(f"Adapter {adapter!r} has no gated MLP block: there is no gate constant to calibrate.")
+        raise ValueError(f"Adapter {adapter!r} has no gated MLP block and no fitted line (linear_target='default' on "
+                         "plain blocks blends towards the identity): there is no target to calibrate.")
     blocks = [MLPBlock(owner, index, layer.layout) for index, (owner, layer) in enumerate(layers.items())]
     method = "least_squares" if tuner.peft_config[adapter].linear_target == "fitted" else "mean"
-    means = _base_gate_constants(tuner.model, blocks, calibration_data, method)
+    targets = _base_targets(tuner.model, [b for b in blocks if b.kind is BlockKind.GATED],
+                            [b for b in blocks if b.kind is BlockKind.PLAIN], calibration_data, method)
     with torch.no_grad():
         for owner, layer in layers.items():
-            layer.layercollapse_gate_constant[adapter].copy_(means[owner])
-    return means
+            if layer.layout.kind is BlockKind.GATED:
+                layer.layercollapse_gate_constant[adapter].copy_(targets[owner])
+            else:
+                layer.layercollapse_slope[adapter].copy_(targets[owner][0])
+                layer.layercollapse_offset[adapter].copy_(targets[owner][1])
+    return targets
 
 
 def merge_lora_and_collapse(

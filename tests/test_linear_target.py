@@ -147,10 +147,65 @@ def test_bad_uses_of_the_fitted_target():
         hlc.LayerCollapseConfig(linear_target="fitted", activation="prelu")
     with pytest.raises(ValueError, match="pass calibration_data="):
         hlc.get_collapse_model(tiny_model("bert"), FITTED)
-    with pytest.raises(ValueError, match="not supported through PEFT"):
-        get_peft_model(tiny_model("bert"), hlc.LayerCollapseConfig(linear_target="fitted"))
     with pytest.raises(ValueError, match="pass calibration_data="):
         hlc.get_lora_collapse_model(tiny_model("bert"), LoraConfig(target_modules=["query"]), FITTED)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_fitted_lines_through_peft_equal_get_collapse_model_and_survive_save_merge_and_reload(name, tmp_path):
+    """PEFT on plain blocks with linear_target="fitted": calibrate_linear_targets gives the lines of
+    get_collapse_model (base model, same data); α = 0 is exact; at α = 0.5 the outputs match; the adapter saves and
+    reloads its lines; merge_and_unload collapses the α = 1 block towards its line and keeps the other injected with
+    its line, and that checkpoint reloads with AutoModel."""
+    from peft import PeftModel
+
+    from hf_layercollapse.peft_integration import calibrate_linear_targets
+
+    original = tiny_model(name)
+    batches = calibration(original)
+    inputs = make_inputs(original)
+    before = outputs(original, inputs)
+    reference = hlc.get_collapse_model(copy.deepcopy(original), FITTED, calibration_data=batches)
+    peft_model = get_peft_model(copy.deepcopy(original), FITTED)
+    calibrate_linear_targets(peft_model, batches)
+    ours, theirs = hlc.injected_activations(peft_model), hlc.injected_activations(reference)
+    assert [n.removeprefix("base_model.model.") for n in ours] == list(theirs)
+    for (_, layer), act in zip(ours.items(), theirs.values()):
+        torch.testing.assert_close(layer.slope, act.slope, rtol=0, atol=0)
+        torch.testing.assert_close(layer.offset, act.offset, rtol=0, atol=0)
+        assert not layer.slope.requires_grad
+    assert max_abs_diff(outputs(peft_model, inputs), before) == 0.0
+    set_alphas(peft_model, 0.5)
+    set_alphas(reference, 0.5)
+    assert max_abs_diff(outputs(peft_model, inputs), outputs(reference, inputs)) < 1e-6
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter")
+    assert max_abs_diff(outputs(reloaded, inputs), outputs(reference, inputs)) < 1e-6
+    set_alphas(reloaded, 0.5, 1.0)
+    set_alphas(reference, 0.5, 1.0)
+    merged = reloaded.merge_and_unload()
+    hlc.collapse_model(reference)
+    assert [b.name for b in reloaded.base_model.collapse_report.collapsed] == [list(theirs)[-1]]
+    assert num_params(merged) == num_params(reference)
+    assert max_rel_diff(outputs(merged, inputs), outputs(reference, inputs)) < 1e-5
+    merged.save_pretrained(tmp_path / "merged")
+    again = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    assert max_abs_diff(outputs(again, inputs), outputs(merged, inputs)) < 1e-6
+    assert hlc.injected_activations(again)[list(theirs)[0]].slope is not None
+
+
+def test_fitted_line_of_the_wrong_size_in_an_adapter_is_an_error(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    get_peft_model(tiny_model("bert"), FITTED).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    weights = load_file(path)
+    key = next(k for k in weights if k.endswith("layercollapse_slope"))
+    weights[key] = torch.zeros(weights[key].numel() + 3)
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(hlc.LayerCollapseConfigError, match=r"layercollapse_slope of .*\(67,\).*\(64,\)"):
+        PeftModel.from_pretrained(tiny_model("bert"), tmp_path)
 
 
 def test_decoder_blocks_use_the_decoder_mask_not_the_encoders():
@@ -225,5 +280,5 @@ def test_refit_linear_targets_bad_input():
     identity = hlc.get_collapse_model(tiny_model("bert"))
     assert hlc.refit_linear_targets(identity, batches) == []  # the identity has nothing to fit
     peft_model = get_peft_model(tiny_model("bert"), hlc.LayerCollapseConfig())
-    with pytest.raises(ValueError, match="calibrate_gate_constants"):
+    with pytest.raises(ValueError, match="calibrate_linear_targets"):
         hlc.refit_linear_targets(peft_model, batches)

@@ -177,14 +177,14 @@ def test_gate_constant_from_calibration_data_equals_get_collapse_model():
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
     assert trainable_kinds(peft_model)["gate_constant"] == 2 * H and trainable_kinds(peft_model)["lora"] > 0
 
-    # peft.get_peft_model: the dummy-batch default first, calibrate_gate_constants then
+    # peft.get_peft_model: the dummy-batch default first, calibrate_linear_targets then
     plain = get_peft_model(gated_model("llama", causal_lm=True), hlc.LayerCollapseConfig())
     acts = hlc.injected_activations(plain)
     for name, act in acts.items():
         torch.testing.assert_close(act.gate_constant.data, defaults[name.removeprefix("base_model.model.")],
                                    rtol=0, atol=0)
     set_alphas(plain, 0.5)  # the means are those of the original model whatever the adapter's α
-    means = hlc.calibrate_gate_constants(plain, batches)
+    means = hlc.calibrate_linear_targets(plain, batches)
     for name, act in acts.items():
         short = name.removeprefix("base_model.model.")
         torch.testing.assert_close(means[short], expected[short], rtol=0, atol=0)
@@ -346,6 +346,6 @@ def test_gated_blocks_refuse_prelu_and_moe_models_are_refused_by_peft():
     with pytest.raises(ValueError, match="mixture-of-experts"):
         get_peft_model(AutoModel.from_config(config), hlc.LayerCollapseConfig())
     with pytest.raises(TypeError, match="PeftModel with a LayerCollapse adapter"):
-        hlc.calibrate_gate_constants(tiny_model("llama"), lm_batches())
+        hlc.calibrate_linear_targets(tiny_model("llama"), lm_batches())
     with pytest.raises(ValueError, match="no gated MLP block"):
-        hlc.calibrate_gate_constants(get_peft_model(tiny_model("bert"), hlc.LayerCollapseConfig()), lm_batches())
+        hlc.calibrate_linear_targets(get_peft_model(tiny_model("bert"), hlc.LayerCollapseConfig()), lm_batches())

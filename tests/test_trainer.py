@@ -556,6 +556,6 @@ def test_trainer_calibration_data_bad_input(tmp_path):
     from peft import get_peft_model
 
     peft_model = get_peft_model(bert_classifier(), hlc.LayerCollapseConfig())
-    with pytest.raises(ValueError, match="calibrate_gate_constants"):
+    with pytest.raises(ValueError, match="calibrate_linear_targets"):
         hlc.LayerCollapseTrainer(model=peft_model, args=training_args(tmp_path), train_dataset=classification_data(),
                                  calibration_data=[{"input_ids": torch.tensor([[1, 2, 3]])}])
