@@ -116,8 +116,11 @@ def planner(base, calibration: torch.Tensor, heldout: torch.Tensor, args) -> tup
 
 def reused_planner(args) -> tuple[list, list[dict]]:
     """The ranking and rows of an earlier run's planner (``--planner_from``), after checking its data settings."""
+    if args.planner_from == args.name:
+        raise SystemExit(f"--planner_from {args.planner_from}: give this run another --name (it would overwrite it)")
     earlier = json.loads((RESULTS / f"{args.planner_from}.json").read_text())
-    same = ("seq_len", "heldout_tokens", "calibration_tokens", "eval_batch", "seed")
+    args.planner_command = earlier["environment"]["command"]
+    same = ("seq_len", "heldout_tokens", "calibration_tokens", "eval_batch", "seed", "quick")
     different = {k: (earlier["environment"]["args"].get(k), getattr(args, k)) for k in same
                  if earlier["environment"]["args"].get(k) != getattr(args, k)}
     if different:
@@ -125,6 +128,9 @@ def reused_planner(args) -> tuple[list, list[dict]]:
     ranked = [argparse.Namespace(**{k: c[k] for k in ("name", "method", "cost", "costs")})
               for c in earlier["planner_ranking"]]
     rows = [r for r in earlier["rows"] if r["method"] == "planner" and r["k"] in args.ks]
+    missing = sorted(set(args.ks) - {r["k"] for r in rows} - {0})
+    if missing:
+        raise SystemExit(f"--planner_from {args.planner_from}: it has no planner rows for k = {missing}")
     print(f"planner: ranking and rows reused from results/{args.planner_from}.json", flush=True)
     return ranked, rows
 
@@ -364,8 +370,7 @@ def main() -> None:
     reached = ", ".join(f"{name.split('.')[-2]}: {a:.2f}" for name, a in alphas.items())
     tokens = args.batch_size * args.seq_len
     reused = (f" The planner column (and the order) is reused from `results/{args.planner_from}.json`: "
-              f"`{json.loads((RESULTS / f'{args.planner_from}.json').read_text())['environment']['command']}`."
-              if args.planner_from else "")
+              f"`{args.planner_command}`." if args.planner_from else "")
     refit = (" Each block's c is fitted again on the calibration text when its stage starts (`--refit_targets`)."
              if args.refit_targets else "")
     (RESULTS / f"{args.name}.md").write_text(

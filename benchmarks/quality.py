@@ -294,6 +294,8 @@ def main() -> None:
     if args.merge:
         merge(args)
         return
+    if args.refit_targets and args.linear_target != "fitted":
+        parser.error("--refit_targets refits the fitted lines: it needs --linear_target fitted")
     if args.quick:
         args.warmup_steps, args.stage_steps, args.recovery_steps, args.train_size, args.test_size = 1, 1, 1, 64, 32
     torch.set_num_threads(args.threads)

@@ -71,12 +71,14 @@ _TRAINING_LABELS = {"reg_weight": "λ (weight of λ·Σ(1−α)²)", "threshold"
 
 
 def default_template_path() -> Path:
-    """The bundled card template, ``hf_layercollapse/model_cards/layercollapse.md`` (in the source tree a link to the
-    top-level ``model_cards/``; wheels carry the file)."""
-    path = Path(__file__).resolve().parent / "model_cards" / TEMPLATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"The model card template {path} is missing: reinstall hf-layercollapse.")
-    return path
+    """The bundled card template, ``hf_layercollapse/model_cards/layercollapse.md``: in wheels a file, in the source
+    tree a link to the top-level ``model_cards/`` (read directly where links are not checked out, e.g. Windows)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "model_cards", here.parent / "model_cards"):
+        if (folder / TEMPLATE_NAME).is_file():
+            return folder / TEMPLATE_NAME
+    raise FileNotFoundError(f"The model card template {TEMPLATE_NAME} is missing from {here}/model_cards: "
+                            "reinstall hf-layercollapse.")
 
 
 def require_plan(model: nn.Module) -> dict[str, Any]:

@@ -154,8 +154,8 @@ def check_refittable(model: nn.Module) -> None:
     adapters = [n for n, act in injected_activations(model).items() if isinstance(act, BaseTunerLayer)]
     if adapters:
         raise ValueError(f"{adapters[0]} (and {len(adapters) - 1} more) are PEFT LayerCollapse layers: their "
-                         "targets are not refitted during training; set their gate constants once, before training, "
-                         "with hf_layercollapse.calibrate_linear_targets.")
+                         "targets are not refitted during training; fit their targets (gate constants and fitted "
+                         "lines) once, before training, with hf_layercollapse.calibrate_linear_targets.")
 
 
 @torch.no_grad()
@@ -167,7 +167,8 @@ def refit_linear_targets(model: nn.Module, calibration_data, blocks: list[str] |
     ``"fitted"`` its least-squares fit). Fine-tuning moves the weights, so a target fitted at injection drifts away
     from the best one; :class:`~hf_layercollapse.LayerCollapseTrainer` (``calibration_data=``) calls this for each
     block when its α starts to move. Only blocks at α = 0 exactly are refitted: their output does not depend on the
-    target, so refitting changes no output. Plain blocks blending towards the identity have nothing to fit.
+    target, so refitting changes no output. Plain blocks blending towards the identity have nothing to fit. Under
+    ``torch.distributed`` call it on every process: the targets are broadcast from rank 0.
 
     Args:
         model: A model prepared by :func:`get_collapse_model`.

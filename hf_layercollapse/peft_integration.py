@@ -12,7 +12,7 @@ PEFT's own entry points:
   intermediate channel; it starts at the mean of ``act(gate(x))`` over a dummy batch, as in
   :func:`~hf_layercollapse.get_collapse_model`, or over calibration data with :func:`calibrate_linear_targets`,
   which also fits the lines of plain blocks with ``linear_target="fitted"``).
-* ``PeftModel.save_pretrained`` writes ``adapter_config.json`` and the α and ``c`` (and LoRA, and
+* ``PeftModel.save_pretrained`` writes ``adapter_config.json`` and the α, ``c`` and fitted lines (and LoRA, and
   ``modules_to_save``) weights; ``PeftModel.from_pretrained`` and ``AutoPeftModelFor...from_pretrained`` rebuild
   them on a plain base.
 * ``merge_and_unload()`` returns a plain ``transformers`` model in which the blocks within the threshold are
@@ -65,8 +65,8 @@ __all__ = [
     "register_peft_method",
 ]
 
-#: Prefix of the LayerCollapse parameters in PEFT state dicts (``...act.layercollapse_alpha``,
-#: ``...act.layercollapse_gate_constant``).
+#: Prefix of the LayerCollapse entries in PEFT state dicts (``...act.layercollapse_alpha``,
+#: ``...act.layercollapse_gate_constant``, ``...act.layercollapse_slope`` / ``_offset``).
 PEFT_PREFIX = "layercollapse_"
 
 
@@ -81,7 +81,7 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
     the active adapter, so :func:`~hf_layercollapse.injected_activations`,
     :func:`~hf_layercollapse.regularization_loss` and :class:`~hf_layercollapse.LayerCollapseTrainer` work on PEFT
     models unchanged. With adapters disabled (or no adapter of this layer active) the layer is the original
-    activation. Loading an adapter whose α or ``c`` does not fit the block raises
+    activation. Loading an adapter whose α, ``c`` or line does not fit the block raises
     :class:`~hf_layercollapse.LayerCollapseConfigError` naming the module.
 
     Args:
@@ -128,6 +128,9 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
         self.layercollapse_mode: dict[str, str] = {}
         self.layercollapse_slope = BufferDict(persistent=True)  # plain blocks with a fitted line only
         self.layercollapse_offset = BufferDict(persistent=True)
+        # adapters whose line was fitted on real data (calibrate_linear_targets) or read from a checkpoint, not only
+        # on the dummy batch of get_peft_model
+        self.layercollapse_calibrated: set[str] = set()
         self.layout = layout
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None
@@ -224,6 +227,7 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.layercollapse_mode.pop(adapter_name, None)
+        self.layercollapse_calibrated.discard(adapter_name)
         super().delete_adapter(adapter_name)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -242,6 +246,8 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
                     )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self.layercollapse_calibrated.update(a for a in self.layercollapse_slope
+                                             if f"{prefix}layercollapse_slope.{a}" in state_dict)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}: {float(p.detach().float()[0]):.4f}" for a, p in self.layercollapse_alpha.items())
@@ -541,7 +547,8 @@ def get_lora_collapse_model(
         collapse_config: Which blocks and how (default ``LayerCollapseConfig()``: every MLP block, plain or gated;
             blend).
         adapter_name: The PEFT adapter name.
-        calibration_data: Batches (or a dataset) on which the targets are fitted (:func:`calibrate_linear_targets`):
+        calibration_data: Batches (or a dataset) on which the targets are fitted (:func:`calibrate_linear_targets`;
+            ignored when the adapter has none: plain blocks with ``linear_target="default"``):
             ``c`` of the gated blocks (the per-channel mean of ``act(gate(x))`` of the base model, or its
             least-squares fit with ``linear_target="fitted"``) and, with ``"fitted"`` (then required), the lines
             of the plain blocks. Without it, ``c`` is the mean over a dummy batch, as in
@@ -646,6 +653,7 @@ def calibrate_linear_targets(
             else:
                 layer.layercollapse_slope[adapter].copy_(targets[owner][0])
                 layer.layercollapse_offset[adapter].copy_(targets[owner][1])
+                layer.layercollapse_calibrated.add(adapter)
     return targets
 
 
@@ -720,6 +728,12 @@ def peft_trainer_settings(model: nn.Module) -> dict[str, Any]:
             "would not save it: build the model with hf_layercollapse.get_lora_collapse_model(model, lora_config, "
             "collapse_config) on the original model, so that LoRA and α train and save together."
         )
+    dummy = [name for name, layer in injected_activations(model).items() if isinstance(layer, LayerCollapseLayer)
+             and layer._adapter() in layer.layercollapse_slope.keys() - layer.layercollapse_calibrated]
+    if dummy:
+        logger.warning("The fitted lines of %s were fitted on get_peft_model's dummy batch only: call "
+                       "hf_layercollapse.calibrate_linear_targets(peft_model, calibration_data) before training (or "
+                       "pass calibration_data to get_lora_collapse_model).", dummy)
     return config.to_dict() if config is not None else {}
 
 

@@ -162,9 +162,10 @@ def test_text_classification_two_cpu_processes(tmp_path: Path) -> None:
           "--config_file", str(EXAMPLES / "accelerate_configs" / "multi_cpu_ddp.yaml"),
           "--main_process_port", str(_free_port()),
           "examples/run_text_classification.py", str(CONFIGS / "text_classification_offline.json"),
-          "--output_dir", str(output_dir), *QUICK, *TEXT_QUICK], timeout=400)
+          "--output_dir", str(output_dir), *QUICK, *TEXT_QUICK,
+          "--linear_target", "fitted", "--calibration_samples", "32"], timeout=400)  # refit: broadcast from rank 0
     results = _check_results(output_dir, "accuracy")
-    assert results["world_size"] == 2
+    assert results["world_size"] == 2 and results["layercollapse_config"]["linear_target"] == "fitted"
     assert results["distributed_type"] == "DistributedType.MULTI_CPU"
 
 

@@ -191,7 +191,7 @@ def test_fitted_lines_through_peft_equal_get_collapse_model_and_survive_save_mer
     merged.save_pretrained(tmp_path / "merged")
     again = AutoModel.from_pretrained(tmp_path / "merged").eval()
     assert max_abs_diff(outputs(again, inputs), outputs(merged, inputs)) < 1e-6
-    assert hlc.injected_activations(again)[list(theirs)[0]].slope is not None
+    assert hlc.injected_activations(again)[next(iter(theirs))].slope is not None
 
 
 def test_fitted_line_of_the_wrong_size_in_an_adapter_is_an_error(tmp_path):
@@ -282,3 +282,46 @@ def test_refit_linear_targets_bad_input():
     peft_model = get_peft_model(tiny_model("bert"), hlc.LayerCollapseConfig())
     with pytest.raises(ValueError, match="calibrate_linear_targets"):
         hlc.refit_linear_targets(peft_model, batches)
+
+
+def test_peft_fitted_lines_per_adapter_and_the_trainers_warning_about_uncalibrated_lines(tmp_path, caplog):
+    """Each adapter has its own lines (a second adapter, calibrated on other data, does not touch the first one's;
+    deleting it removes them); the trainer warns while an adapter's lines come from get_peft_model's dummy batch
+    only, and not once they are calibrated or read from a saved adapter."""
+    import logging
+
+    from peft import PeftModel
+
+    from hf_layercollapse.peft_integration import calibrate_linear_targets
+
+    original = tiny_model("bert")
+    batches, others = calibration(original), [make_inputs(original, seed=7)]
+    args = TrainingArguments(str(tmp_path / "out"), report_to=[], use_cpu=True)
+
+    def warned(model) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_layercollapse.peft_integration"):
+            hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=[])
+        return "dummy batch only" in caplog.text
+
+    peft_model = get_peft_model(copy.deepcopy(original), FITTED)
+    assert warned(peft_model)
+    calibrate_linear_targets(peft_model, batches)
+    assert not warned(peft_model)
+    layer = next(iter(hlc.injected_activations(peft_model).values()))
+    first = layer.layercollapse_slope["default"].clone()
+    peft_model.add_adapter("other", FITTED)
+    calibrate_linear_targets(peft_model, others, "other")
+    assert sorted(layer.layercollapse_slope) == ["default", "other"]
+    assert torch.equal(layer.layercollapse_slope["default"], first)
+    assert not torch.equal(layer.layercollapse_slope["other"], first)
+    peft_model.set_adapter("other")
+    assert torch.equal(layer.slope, layer.layercollapse_slope["other"])
+    peft_model.save_pretrained(tmp_path / "saved")
+    saved = layer.layercollapse_slope["other"].clone()
+    peft_model.delete_adapter("other")
+    assert sorted(layer.layercollapse_slope) == ["default"] and layer.layercollapse_calibrated == {"default"}
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "saved" / "other", adapter_name="other")
+    assert not warned(reloaded)
+    loaded = next(iter(hlc.injected_activations(reloaded).values()))
+    assert torch.equal(loaded.slope, saved)

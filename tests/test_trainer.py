@@ -504,6 +504,48 @@ def test_trainer_refits_each_blocks_line_when_its_stage_starts(tmp_path):
         assert all(torch.equal(seen[block][0], runs[False][0][block][0]) for seen in runs[False])
 
 
+def test_trainer_refits_each_gated_blocks_c_at_its_stage_start_with_gradient_accumulation(tmp_path):
+    """Gated blocks: c is refitted (least squares, linear_target="fitted") when the block's stage starts, on the
+    model as it is then, also with 2 micro-batches per step; a block still waiting keeps its c (the schedule holds
+    it), and the refitted c then trains with the block."""
+    from tiny_models import gated_model
+
+    from hf_layercollapse.calibration import gate_constants
+
+    batches = [{"input_ids": torch.stack([d["input_ids"] for d in lm_data(8)])}]
+    model = hlc.get_collapse_model(gated_model("llama", causal_lm=True), hlc.LayerCollapseConfig(
+        linear_target="fitted"), calibration_data=batches)
+    names = list(hlc.injected_activations(model))
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            acts = hlc.injected_activations(model)
+            blocks = [hlc.MLPBlock(n, i, a.layout) for i, (n, a) in enumerate(acts.items())]
+            fits = gate_constants(model, blocks, batches, method="least_squares")
+            self.seen.append({n: (a.gate_constant.detach().clone(), fits[n]) for n, a in acts.items()})
+
+    injected = {n: a.gate_constant.detach().clone() for n, a in hlc.injected_activations(model).items()}
+    args = training_args(tmp_path, max_steps=5, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                         optim="adamw_torch", learning_rate=1e-2)
+    trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=lm_data(), calibration_data=batches,
+                                       collapse_args=hlc.CollapseArguments(progressive_steps=2, progressive_start=1,
+                                                                           alpha_learning_rate=0.2))
+    record = Record()
+    trainer.add_callback(record)
+    trainer.train()
+    deep, shallow = names[1], names[0]  # stages start at global step 1 (deep) and 3 (shallow)
+    for step, name in ((1, deep), (3, shallow)):
+        c, fit = record.seen[step][name]
+        torch.testing.assert_close(c, fit, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(c, injected[name], atol=1e-5)  # the model moved in the steps before
+    assert all(torch.equal(seen[shallow][0], injected[shallow]) for seen in record.seen[:3])  # held until its stage
+    final = hlc.injected_activations(model)[shallow].gate_constant.detach()
+    assert not torch.equal(final, record.seen[3][shallow][0])  # then it trains (from its second step: α > 0)
+
+
 def test_trainer_refits_every_line_at_the_first_step_without_a_progressive_schedule(tmp_path):
     batches = [{"input_ids": torch.stack([d["input_ids"] for d in classification_data(8)])}]
     model = hlc.get_collapse_model(bert_classifier_3_blocks(), hlc.LayerCollapseConfig(linear_target="fitted"),
