@@ -116,7 +116,8 @@ class EvaluateAt(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
-            self.evaluate(model, state.global_step)
+            with torch.random.fork_rng():  # evaluating must not change the dropout masks to come
+                self.evaluate(model, state.global_step)
 
 
 def pretrain(config: GPT2Config, train: Windows, args) -> GPT2LMHeadModel:

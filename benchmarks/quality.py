@@ -114,7 +114,8 @@ class AtCheckpoints(TrainerCallback):
             self.alpha_before_hold[k] = hlc.injected_activations(self.model)[self.order[k - 1]].alpha_value
         if state.global_step in self.steps:
             was_training = self.model.training
-            self.measure(self.model, self.steps[state.global_step])
+            with torch.random.fork_rng():  # measuring (new layers, pruning) must not change the dropout masks to come
+                self.measure(self.model, self.steps[state.global_step])
             self.model.train(was_training)
 
 

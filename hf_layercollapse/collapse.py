@@ -89,12 +89,14 @@ def _projection_from(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def empty_projection(like: nn.Module, in_features: int, out_features: int, bias: bool) -> nn.Module:
-    """An uninitialised projection of the same family, dtype and device as ``like``."""
-    factory = {"dtype": like.weight.dtype, "device": like.weight.device}
-    if isinstance(like, Conv1D):
-        module = Conv1D(out_features, in_features)
-        return module.to(**factory)
-    return nn.Linear(in_features, out_features, bias=bias, **factory)
+    """An uninitialised projection of the same family, dtype and device as ``like``. It is built on the meta device:
+    no initialiser runs, so collapsing leaves the global random state (and a training run's dropout masks) alone."""
+    with torch.device("meta"):
+        if isinstance(like, Conv1D):
+            module = Conv1D(out_features, in_features).to(dtype=like.weight.dtype)
+        else:
+            module = nn.Linear(in_features, out_features, bias=bias, dtype=like.weight.dtype)
+    return module.to_empty(device=like.weight.device)
 
 
 class ConstantGate(nn.Module):

@@ -220,7 +220,9 @@ class _Objective:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor, like: nn.Module) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=like.weight.dtype)
+    with torch.device("meta"):  # no initialiser: the global random state is left alone
+        layer = nn.Linear(weight.shape[1], weight.shape[0], dtype=like.weight.dtype)
+    layer = layer.to_empty(device=weight.device)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)

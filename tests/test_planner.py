@@ -223,3 +223,22 @@ def test_real_minilm_least_squares_beats_the_naive_merge_on_held_out_tweets(mini
         errors = [float((collapsed(**b).last_hidden_state - model(**b).last_hidden_state).square().sum()
                         / model(**b).last_hidden_state.square().sum()) for b in holdout]
     assert sum(errors) / len(errors) == pytest.approx(plan.measured_cost, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_planning_and_collapsing_leave_the_global_random_state_alone(name):
+    """New projections are built without an initialiser: calling the planner or collapse_model between training
+    steps does not change the dropout masks (or any other draw) that follow."""
+    from conftest import make_inputs
+    from tiny_models import tiny_model
+
+    model = tiny_model(name)
+    batches = [make_inputs(model, seed=s) for s in range(3)]
+    state = torch.get_rng_state()
+    plan = hlc.plan_collapse(copy.deepcopy(model), batches, num_blocks=1, show_progress=False)
+    hlc.collapse_model(copy.deepcopy(model), plan=plan)
+    hlc.get_collapse_model(model)
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    hlc.collapse_model(model)
+    assert torch.equal(torch.get_rng_state(), state)
