@@ -46,6 +46,10 @@ class CollapsibleActivation(nn.Module):
         True
     """
 
+    #: Gated blocks: ``c`` was fitted by least squares (``linear_target="fitted"``), not set to the mean; a refit
+    #: (:func:`~hf_layercollapse.refit_linear_targets`) follows the same rule. Recorded in the checkpoint's plan.
+    fitted_gate: bool = False
+
     def __init__(self, activation: nn.Module, mode: str = "blend", init_alpha: float = 0.0,
                  gate_constant: torch.Tensor | None = None,
                  line: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:

@@ -11,7 +11,7 @@ from .activation import CollapsibleActivation
 from .architectures import BlockKind, MLPBlock, check_not_moe, find_mlp_blocks, select_blocks
 from .calibration import activation_lines, gate_constants
 from .config import LayerCollapseConfig
-from .plan import get_plan, record_block, set_module
+from .plan import record_block, set_module
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +139,12 @@ def get_collapse_model(
         wrapped = CollapsibleActivation(model.get_submodule(act_name), config.activation, config.init_alpha,
                                         gate_constant=constants.get(block.name), line=lines.get(block.name))
         wrapped.layout = block.layout
+        wrapped.fitted_gate = fitted and block.kind is BlockKind.GATED
         wrapped.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         set_module(model, act_name, wrapped)
-        fitted_line = {"line": True} if block.name in lines else {}  # apply_plan rebuilds the line's buffers
-        record_block(model, block.name, block.layout, "injected", mode=config.activation, config=config,
-                     **fitted_line)
+        target = {"line": True} if block.name in lines else {}  # apply_plan rebuilds the line's buffers
+        target.update({"fitted_gate": True} if wrapped.fitted_gate else {})
+        record_block(model, block.name, block.layout, "injected", mode=config.activation, config=config, **target)
     return model
 
 
@@ -206,11 +207,10 @@ def refit_linear_targets(model: nn.Module, calibration_data, blocks: list[str] |
     chosen = [n for n in with_target if n not in moved]
     plain = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].slope is not None]
     gated = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].gate_constant is not None]
-    fitted = (get_plan(model) or {}).get("config", {}).get("linear_target") == "fitted"
-    targets: dict[str, tuple[torch.Tensor, ...]] = {
-        **{name: (c,) for name, c in gate_constants(model, gated, calibration_data,
-                                                      method="least_squares" if fitted else "mean").items()},
-        **activation_lines(model, plain, calibration_data)}
+    targets: dict[str, tuple[torch.Tensor, ...]] = dict(activation_lines(model, plain, calibration_data))
+    for method, fitted in (("least_squares", True), ("mean", False)):  # each block by the rule it was injected with
+        same = [b for b in gated if acts[b.name].fitted_gate == fitted]
+        targets.update({name: (c,) for name, c in gate_constants(model, same, calibration_data, method=method).items()})
     for name, values in targets.items():
         act = acts[name]
         for buffer, value in zip((act.gate_constant,) if act.gate_constant is not None else (act.slope, act.offset),

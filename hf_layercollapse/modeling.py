@@ -130,6 +130,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
                 line = (torch.zeros(channels, dtype=fc1.weight.dtype, device=fc1.weight.device),) * 2
             wrapped = CollapsibleActivation(act, entry.get("mode", "blend"), 0.0, gate_constant=constant, line=line)
             wrapped.layout = layout
+            wrapped.fitted_gate = bool(entry.get("fitted_gate"))
             set_module(owner, layout.act, wrapped)
             continue
         _install_empty_merged(model, name, owner, layout, fc1, fc2, entry)

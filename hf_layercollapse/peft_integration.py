@@ -477,18 +477,19 @@ class LayerCollapseModel(BaseTuner):
                 adapter in layer.layercollapse_slope) else None
             act = CollapsibleActivation(layer.base_layer, layer.layercollapse_mode[adapter], 0.0, constant, line)
             act.layout = layer.layout
+            act.fitted_gate = constant is not None and config.linear_target == "fitted"
             owner = name[: -len(layer.layout.act) - 1] if name != layer.layout.act else ""
             weight = self.model.get_submodule(".".join(p for p in (owner, layer.layout.fc1) if p)).weight
             act.to(device=alpha.device, dtype=weight.dtype if weight.is_floating_point() else alpha.dtype)
             with torch.no_grad():
                 act.alpha.copy_(alpha.detach())
             set_module(self.model, name, act)
-            injected.append((owner, layer.layout, act.mode, line is not None))
+            injected.append((owner, layer.layout, act.mode, {**({"line": True} if line is not None else {}),
+                                                             **({"fitted_gate": True} if act.fitted_gate else {})}))
         lora_adapters = adapter_names if adapter_names is not None else [adapter]
         model = super()._unload_and_optionally_merge(True, progressbar, safe_merge, lora_adapters)
-        for owner, layout, mode, fitted in injected:
-            line = {"line": True} if fitted else {}  # apply_plan rebuilds the line's buffers
-            record_block(model, owner, layout, "injected", mode=mode, config=config, **line)
+        for owner, layout, mode, target in injected:  # apply_plan rebuilds the line's buffers
+            record_block(model, owner, layout, "injected", mode=mode, config=config, **target)
         report = collapse_model(model, blocks=blocks, threshold=config.threshold if threshold is None else threshold,
                                 force=force)
         logger.info("LayerCollapse merge_and_unload:\n%s", report)

@@ -325,3 +325,29 @@ def test_peft_fitted_lines_per_adapter_and_the_trainers_warning_about_uncalibrat
     assert not warned(reloaded)
     loaded = next(iter(hlc.injected_activations(reloaded).values()))
     assert torch.equal(loaded.slope, saved)
+
+
+def test_refit_follows_each_gated_blocks_own_rule_also_after_reloading(tmp_path):
+    """Block 0 injected with linear_target="fitted" (least-squares c), block 1 later with "default" (mean c): a refit
+    fits each one by its own rule, also on the model reloaded with from_pretrained."""
+    from tiny_models import gated_model
+
+    original = gated_model("llama")
+    batches = calibration(original)
+
+    def inject(model):
+        hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=[0], linear_target="fitted"),
+                               calibration_data=batches)
+        return hlc.get_collapse_model(model, hlc.LayerCollapseConfig(layers_to_transform=[1]), calibration_data=batches)
+
+    model = inject(copy.deepcopy(original))
+    model.save_pretrained(tmp_path)
+    expected = {}
+    for n, c in hlc.injected_activations(inject(_moved(copy.deepcopy(original)))).items():
+        expected[n] = c.gate_constant.detach()
+    for candidate in (_moved(model), _moved(AutoModel.from_pretrained(tmp_path).eval())):
+        acts = hlc.injected_activations(candidate)
+        assert [a.fitted_gate for a in acts.values()] == [True, False]
+        hlc.refit_linear_targets(candidate, batches)
+        for name, act in acts.items():
+            torch.testing.assert_close(act.gate_constant.detach(), expected[name], rtol=1e-5, atol=1e-6)
