@@ -212,11 +212,29 @@ def test_collapse_at_end_without_any_block_in_threshold_saves_the_injected_model
     assert loaded_alphas == pytest.approx([a.alpha_value for a in hlc.injected_activations(model).values()])
 
 
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    class StopAtStep2(TrainerCallback):  # the run "crashes" right after checkpoint-2 is written
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 2
+class StopAt(TrainerCallback):
+    """Stops training right after step ``step``: a run that "crashes" once that step's checkpoint is written."""
 
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == self.step
+
+
+def resumed_like_full_run(tmp_path, run, step: int) -> tuple[dict, dict]:
+    """``run(out, resume=..., callbacks=...) -> state``: once uninterrupted, once stopped after ``step`` and resumed
+    from ``checkpoint-<step>``; asserts that the resumed run ends where the uninterrupted one does. Returns the
+    states of the uninterrupted and of the stopped run."""
+    full = run(tmp_path / "full")
+    interrupted = run(tmp_path / "part", callbacks=[StopAt(step)])
+    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / f"checkpoint-{step}"))
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
+    return full, interrupted
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
     def run(out, resume=None, callbacks=None):
         model = hlc.get_collapse_model(bert_classifier(), hlc.LayerCollapseConfig(reg_weight=0.3))
         args = training_args(out, max_steps=4, per_device_train_batch_size=4, optim="adamw_torch",
@@ -227,14 +245,10 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
         trainer.train(resume_from_checkpoint=resume)
         return state(model)
 
-    full = run(tmp_path / "full")
-    interrupted = run(tmp_path / "part", callbacks=[StopAtStep2()])
+    full, interrupted = resumed_like_full_run(tmp_path, run, step=2)
     assert not torch.equal(interrupted["bert.encoder.layer.0.intermediate.intermediate_act_fn.alpha"],
                            full["bert.encoder.layer.0.intermediate.intermediate_act_fn.alpha"])
-    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-2"))
     assert any(k.endswith(".alpha") for k in full)
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
 def test_mixin_composes_with_seq2seq_trainer(tmp_path):
@@ -440,10 +454,7 @@ def test_progressive_schedule_follows_model_init(tmp_path):
 
 
 def test_progressive_schedule_resumes_exactly(tmp_path):
-    class StopAtStep3(TrainerCallback):  # crash in the middle of the second stage, after checkpoint-3
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 3
-
+    """Stopped in the middle of the second stage, after checkpoint-3."""
     collapse_args = hlc.CollapseArguments(progressive_steps=2, alpha_learning_rate=0.1)
 
     def run(out, resume=None, callbacks=None):
@@ -456,11 +467,7 @@ def test_progressive_schedule_resumes_exactly(tmp_path):
         trainer.train(resume_from_checkpoint=resume)
         return state(model)
 
-    full = run(tmp_path / "full")
-    run(tmp_path / "part", callbacks=[StopAtStep3()])
-    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-3"))
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
+    full, _ = resumed_like_full_run(tmp_path, run, step=3)
     assert [v.item() for k, v in full.items() if k.endswith(".alpha")] == [1.0, 1.0, 1.0]
 
 
@@ -568,10 +575,6 @@ def test_trainer_refits_every_line_at_the_first_step_without_a_progressive_sched
 def test_trainer_with_calibration_data_resumes_exactly(tmp_path):
     """The refit of the block whose stage starts at the checkpoint's step happens again on resume, on the same model:
     the resumed run ends where the uninterrupted one does."""
-    class StopAtStep3(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 3
-
     batches = [{"input_ids": torch.stack([d["input_ids"] for d in classification_data(8)])}]
 
     def run(out, resume=None, callbacks=None):
@@ -586,11 +589,7 @@ def test_trainer_with_calibration_data_resumes_exactly(tmp_path):
         trainer.train(resume_from_checkpoint=resume)
         return state(model)
 
-    full = run(tmp_path / "full")
-    run(tmp_path / "part", callbacks=[StopAtStep3()])
-    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-3"))
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
+    full, _ = resumed_like_full_run(tmp_path, run, step=3)
     assert [k for k in full if k.endswith(".slope")]
 
 
