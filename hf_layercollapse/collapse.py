@@ -49,7 +49,7 @@ def merge_projections(fc1: nn.Module, fc2: nn.Module,
     bias = None
     if b1 is not None or b2 is not None:
         bias = (w2 @ b1 if b1 is not None else 0) + (b2 if b2 is not None else 0)
-    return _projection_from(fc2, w2 @ w1, bias)
+    return projection_from(fc2, w2 @ w1, bias)
 
 
 def merge_gated(up: nn.Module, down: nn.Module, constant: torch.Tensor, fused: bool = False) -> nn.Module:
@@ -76,10 +76,11 @@ def merge_gated(up: nn.Module, down: nn.Module, constant: torch.Tensor, fused: b
     bias = None
     if b_up is not None or b_down is not None:
         bias = (w_down @ (c * b_up) if b_up is not None else 0) + (b_down if b_down is not None else 0)
-    return _projection_from(down, w_down @ (c[:, None] * w_up), bias)
+    return projection_from(down, w_down @ (c[:, None] * w_up), bias)
 
 
-def _projection_from(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def projection_from(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A projection of ``like``'s family, dtype and device holding ``weight`` (``[out, in]``) and ``bias``."""
     merged = empty_projection(like, weight.shape[1], weight.shape[0], bias is not None)
     with torch.no_grad():
         merged.weight.copy_(weight.t() if isinstance(merged, Conv1D) else weight)

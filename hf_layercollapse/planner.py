@@ -44,11 +44,11 @@ from .calibration import (
 from .collapse import (
     block_costs,
     block_gate,
-    empty_projection,
     install_merged,
     merge_block,
     merge_projections,
     model_params,
+    projection_from,
 )
 from .plan import record_block
 from .report import BlockReport, CollapseReport
@@ -219,16 +219,6 @@ class _Objective:
         return total / weight
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor, like: nn.Module) -> nn.Linear:
-    with torch.device("meta"):  # no initialiser: the global random state is left alone
-        layer = nn.Linear(weight.shape[1], weight.shape[0], dtype=like.weight.dtype)
-    layer = layer.to_empty(device=weight.device)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)
-    return layer
-
-
 def plan_collapse(
     model: nn.Module,
     calibration_data,
@@ -321,8 +311,7 @@ def _measure(model, block: MLPBlock, stats: BlockStats, objective: _Objective, b
     for method, fit in (("least_squares", stats.least_squares), ("relative_least_squares",
                                                                   stats.relative_least_squares)):
         weight, bias = fit.solve(ridge)
-        merges[method] = _linear(weight.to(fc2.weight.device, torch.float32),
-                                 bias.to(fc2.weight.device, torch.float32), fc2)
+        merges[method] = projection_from(fc2, weight, bias)
     costs = {}
     for method, merged in merges.items():
         with replaced_blocks(model, {block: merged}):
@@ -350,12 +339,7 @@ def _replacement(model, planned: PlannedBlock) -> nn.Module:
     if tuple(planned.weight.shape) != (d_out, d_in):
         raise ValueError(f"The plan's map for {planned.name!r} is {tuple(planned.weight.shape)} but the block maps "
                          f"{d_in} -> {d_out}: the plan belongs to another model.")
-    merged = empty_projection(fc2, d_in, d_out, True)
-    weight = planned.weight.to(merged.weight.device, merged.weight.dtype)
-    with torch.no_grad():
-        merged.weight.copy_(weight.T if merged.weight.shape != weight.shape else weight)
-        merged.bias.copy_(planned.bias)
-    return merged
+    return projection_from(fc2, planned.weight, planned.bias)
 
 
 def _select(model, blocks, ranked, objective, baseline, params_total, num_blocks, params_fraction,
