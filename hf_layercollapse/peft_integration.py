@@ -196,12 +196,14 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
     @property
     def slope(self) -> torch.Tensor | None:  # type: ignore[override]
         """Slope of the active adapter's fitted line (plain blocks with ``linear_target="fitted"``), else None."""
-        return self.layercollapse_slope[self._adapter()] if self._adapter() in self.layercollapse_slope else None
+        adapter = self._adapter()
+        return self.layercollapse_slope[adapter] if adapter in self.layercollapse_slope else None
 
     @property
     def offset(self) -> torch.Tensor | None:  # type: ignore[override]
         """Offset of the active adapter's fitted line, else None."""
-        return self.layercollapse_offset[self._adapter()] if self._adapter() in self.layercollapse_offset else None
+        adapter = self._adapter()
+        return self.layercollapse_offset[adapter] if adapter in self.layercollapse_offset else None
 
     @property
     def mode(self) -> str:  # type: ignore[override]
