@@ -20,10 +20,11 @@ start of Hamlet; training text: the other 40 Shakespeare texts (shuffled 256-tok
   lowers held-out perplexity by itself; the cost of collapsing is LayerCollapse against plain fine-tuning at the
   same step.
 
-``--refit_targets``: each block's ``c`` is fitted again on the calibration text when its stage starts, on the model as
-the earlier stages left it (``LayerCollapseTrainer(calibration_data=...)``). ``--planner_from NAME`` reuses the
-planner's ranking and rows of results/NAME.json (a run with the same data settings) instead of measuring the 30
-blocks again (most of the run's time); the report says so.
+``--linear_target affine``: each block blends towards its least-squares affine map instead of a constant gate (the
+planner's merge, learnable). ``--refit_targets``: each block's ``c`` (or map) is fitted again on the calibration text
+when its stage starts, on the model as the earlier stages left it (``LayerCollapseTrainer(calibration_data=...)``).
+``--planner_from NAME`` reuses the planner's ranking and rows of results/NAME.json (a run with the same data settings)
+instead of measuring the 30 blocks again (most of the run's time); the report says so.
 
 Writes results/gated_perplexity.{json,md,png} (``--name``). Aims (issue #10): with training, collapsing costs ≤ 3%
 perplexity at k = 4 and ≤ 10% at k = 8 (no-training greedy least squares measured +0.8/+2.7/+7.6/+29% at k = 1/2/4/8).
@@ -304,11 +305,13 @@ def main() -> None:
     parser.add_argument("--heldout_tokens", type=int, default=4096)
     parser.add_argument("--calibration_tokens", type=int, default=8192,
                         help="Hamlet tokens: the planner fits on half, measures on the other half")
-    parser.add_argument("--linear_target", choices=["default", "fitted"], default="fitted",
+    parser.add_argument("--linear_target", choices=["default", "fitted", "affine"], default="fitted",
                         help="LayerCollapseConfig.linear_target: c starts at the mean of act(gate(x)) or at its "
-                             "least-squares fit (on the calibration text)")
+                             "least-squares fit, or ('affine') each block blends towards its least-squares affine "
+                             "map (on the calibration text)")
     parser.add_argument("--refit_targets", action="store_true",
-                        help="refit each block's c on the calibration text when its stage starts")
+                        help="refit each block's target (c or affine map) on the calibration text when its stage "
+                             "starts")
     parser.add_argument("--planner_from", metavar="NAME",
                         help="reuse the planner ranking and rows of results/NAME.json (same data settings)")
     parser.add_argument("--name", default="gated_perplexity", help="results/NAME.{json,md,png}")
@@ -371,8 +374,10 @@ def main() -> None:
     tokens = args.batch_size * args.seq_len
     reused = (f" The planner column (and the order) is reused from `results/{args.planner_from}.json`: "
               f"`{args.planner_command}`." if args.planner_from else "")
-    refit = (" Each block's c is fitted again on the calibration text when its stage starts (`--refit_targets`)."
-             if args.refit_targets else "")
+    refit = (" Each block's target is fitted again on the calibration text when its stage starts "
+             "(`--refit_targets`)." if args.refit_targets else "")
+    target = {"default": "c starts at the mean of act(gate(x))", "fitted": "c starts at its least-squares fit",
+              "affine": "each block blends towards its affine map (relative least squares, learnable)"}
     (RESULTS / f"{args.name}.md").write_text(
         f"# Gated MLPs: held-out perplexity against collapsed blocks (SmolLM2-135M-Instruct, Shakespeare)\n\n"
         f"Command: `{env['command']}` ({minutes:.0f} min on {env['machine']}, {args.threads} torch thread of "
@@ -381,9 +386,8 @@ def main() -> None:
         f"{args.seq_len} tokens of Hamlet; training: windows of the other 40 texts. Budget: {args.stage_steps} "
         f"optimizer steps per block × {args.num_blocks} blocks, batch {args.batch_size} × {args.seq_len} tokens "
         f"({tokens} tokens per step), AdamW lr {args.lr} (constant), α lr {args.alpha_lr}, λ {args.reg_weight}, "
-        f"c starts at {'the mean of act(gate(x))' if args.linear_target == 'default' else 'its least-squares fit'} "
-        f"on the calibration text (linear_target={args.linear_target!r}), "
-        f"seed {args.seed}; trainable: the MLP weights of the {args.num_blocks} blocks (plus α and c for "
+        f"{target[args.linear_target]} on the calibration text (linear_target={args.linear_target!r}), "
+        f"seed {args.seed}; trainable: the MLP weights of the {args.num_blocks} blocks (plus α and the target for "
         f"LayerCollapse), everything else frozen. Perplexity cells: value (change vs the original model); "
         f"collapse cost: LayerCollapse vs plain fine-tuning after the same steps.{refit}{reused}\n\n"
         f"Order (the planner's ranking, cheapest first): {', '.join(n.split('.')[-2] for n in order)}. "

@@ -19,7 +19,8 @@ Every method at k collapsed blocks has had exactly the same training: the same o
   ``--linear_target fitted``: the blend goes towards each channel's least-squares line fitted on the 256
   calibration tweets instead of the identity (``LayerCollapseConfig(linear_target="fitted")``); with
   ``--refit_targets`` each block's line is fitted again when its stage starts, on the model as fine-tuning left it
-  (``LayerCollapseTrainer(calibration_data=...)``).
+  (``LayerCollapseTrainer(calibration_data=...)``). ``--linear_target affine``: each block blends towards its
+  least-squares affine map (``LayerCollapseConfig(linear_target="affine")``, the planner's merge, learnable).
   ``--order planned``: the stages follow the planner's ranking of the blocks after the warm-up steps.
 * Plain fine-tuning: one ``Trainer`` run with the same schedule; at checkpoint k the uncompressed model is evaluated
   (the reference at equal training) and, on copies of it, the baselines for the last k blocks: naive
@@ -53,6 +54,7 @@ from transformers.utils import logging
 
 import hf_layercollapse as hlc
 from hf_layercollapse import assets
+from hf_layercollapse.collapse import model_params
 
 NUM_BLOCKS = 6
 
@@ -187,11 +189,12 @@ def planned_order(base, train_data, collator, calibration, args, seed: int) -> l
 
 def layercollapse(base, train_data, collator, test, calibration, args, seed: int, activation: str,
                   order: list[str] | None = None) -> list[dict]:
-    fitted = activation == "blend" and args.linear_target == "fitted"
-    config = hlc.LayerCollapseConfig(activation=activation, linear_target="fitted" if fitted else "default")
+    target = args.linear_target if activation == "blend" else "default"
+    fitted = target != "default"
+    config = hlc.LayerCollapseConfig(activation=activation, linear_target=target)
     model = hlc.get_collapse_model(copy.deepcopy(base), config, calibration_data=calibration if fitted else None)
     refit = fitted and args.refit_targets
-    method = (f"layercollapse-{activation}" + ("-fitted" if fitted else "") + ("-refit" if refit else "")
+    method = (f"layercollapse-{activation}" + (f"-{target}" if fitted else "") + ("-refit" if refit else "")
               + ("-planned" if order else ""))
     rows = []
     order = order or list(hlc.injected_activations(model))[::-1]  # deepest first
@@ -201,7 +204,8 @@ def layercollapse(base, train_data, collator, test, calibration, args, seed: int
         if k:  # the first k blocks of the order finished their stages: α = 1 exactly
             hlc.collapse_model(clone, blocks=order[:k])
         rows.append({"method": method, "k": k, "seed": seed, "accuracy": accuracy(clone, test),
-                     "params": params(clone), "alpha_before_hold": callback.alpha_before_hold.get(k)})
+                     # the architecture's own parameters: α and the blocks' targets (c, affine maps) are not counted
+                     "params": model_params(clone), "alpha_before_hold": callback.alpha_before_hold.get(k)})
         print(rows[-1], flush=True)
 
     callback = AtCheckpoints(model, args, measure, order)
@@ -281,11 +285,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leaves a core to other work)")
     parser.add_argument("--methods", nargs="+", default=["baselines", "blend", "prelu"],
                         choices=["baselines", "blend", "prelu"])
-    parser.add_argument("--linear_target", choices=["default", "fitted"], default="default",
-                        help="LayerCollapseConfig.linear_target of the blend runs ('fitted': per-channel lines fitted "
-                             "on the 256 calibration tweets)")
+    parser.add_argument("--linear_target", choices=["default", "fitted", "affine"], default="default",
+                        help="LayerCollapseConfig.linear_target of the blend runs ('fitted': per-channel lines, "
+                             "'affine': each block's least-squares affine map, fitted on the 256 calibration tweets)")
     parser.add_argument("--refit_targets", action="store_true",
-                        help="with --linear_target fitted: refit each block's line when its stage starts")
+                        help="with --linear_target fitted/affine: refit each block's target when its stage starts")
     parser.add_argument("--order", choices=["deepest_first", "planned"], default="deepest_first",
                         help="LayerCollapse stage order: the paper's, or the planner's ranking after the warm-up")
     parser.add_argument("--quick", action="store_true")
@@ -295,8 +299,8 @@ def main() -> None:
     if args.merge:
         merge(args)
         return
-    if args.refit_targets and args.linear_target != "fitted":
-        parser.error("--refit_targets refits the fitted lines: it needs --linear_target fitted")
+    if args.refit_targets and args.linear_target == "default":
+        parser.error("--refit_targets refits the fitted targets: it needs --linear_target fitted or affine")
     if args.quick:
         args.warmup_steps, args.stage_steps, args.recovery_steps, args.train_size, args.test_size = 1, 1, 1, 64, 32
     torch.set_num_threads(args.threads)

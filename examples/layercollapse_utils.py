@@ -68,9 +68,10 @@ class LayerCollapseArguments:
     )
     linear_target: str = field(
         default="default",
-        metadata={"help": "What the blend goes towards: 'default' (the identity; gated blocks: the mean gate) or "
-                          "'fitted' (each channel's least-squares line; gated blocks: the fitted gate), fitted on "
-                          "the calibration samples and again when each block starts to collapse."},
+        metadata={"help": "What the blend goes towards: 'default' (the identity; gated blocks: the mean gate), "
+                          "'fitted' (each channel's least-squares line; gated blocks: the fitted gate) or 'affine' "
+                          "(each block's least-squares affine map, learnable; not with LoRA), fitted on the "
+                          "calibration samples and again when each block starts to collapse."},
     )
     calibration_samples: int = field(
         default=256,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import ACTIVATIONS
 
@@ -21,6 +22,12 @@ class CollapsibleActivation(nn.Module):
     A plain block may blend towards a fitted per-channel line instead of the identity (``line=(slope, offset)``,
     fixed buffers; ``LayerCollapseConfig(linear_target="fitted")``): ``(1−α)·act(z) + α·(slope·z + offset)``.
 
+    Any block, plain or gated, may instead blend its whole output towards an affine map of its input
+    (``affine=(weight, bias)``, learnable ``affine_weight`` ``[out, in]`` and ``affine_bias``;
+    ``LayerCollapseConfig(linear_target="affine")``): the block computes ``(1−α)·block(x) + α·(weight·x + bias)``,
+    and at α = 1 it is that map. The activation itself is then left as it is; the blend happens in hooks on the
+    block's input and output projections, which :meth:`attach` registers.
+
     In both modes α = 1 is linear (plain blocks), so the block around it becomes one affine map that
     :func:`hf_layercollapse.collapse_model` merges. ``alpha`` has shape ``(1,)`` because FSDP rejects 0-dim
     parameters. The regulariser term ``(1−α)²`` is computed inside ``forward`` (see
@@ -33,6 +40,8 @@ class CollapsibleActivation(nn.Module):
         init_alpha: Initial value of α.
         gate_constant: Gated blocks: the initial ``c``.
         line: Plain blocks, ``mode="blend"``: ``(slope, offset)`` of the line blended towards (default: identity).
+        affine: ``mode="blend"``: ``(weight [out, in], bias [out])``, the initial affine map the block's output is
+            blended towards (call :meth:`attach` with the block's projections).
 
     Example:
         >>> import torch
@@ -52,7 +61,8 @@ class CollapsibleActivation(nn.Module):
 
     def __init__(self, activation: nn.Module, mode: str = "blend", init_alpha: float = 0.0,
                  gate_constant: torch.Tensor | None = None,
-                 line: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 line: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         if mode not in ACTIVATIONS:
             raise ValueError(f"mode={mode!r} is not supported: use one of {ACTIVATIONS}.")
@@ -61,6 +71,9 @@ class CollapsibleActivation(nn.Module):
                              "(mode='blend').")
         if line is not None and (mode != "blend" or gate_constant is not None):
             raise ValueError("line=(slope, offset) is the target of a plain block's blend (mode='blend').")
+        if affine is not None and (mode != "blend" or gate_constant is not None or line is not None):
+            raise ValueError("affine=(weight, bias) is the target of a block's blend (mode='blend'), instead of a "
+                             "line or a gate constant.")
         self.activation = activation
         self.mode = mode
         self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
@@ -71,6 +84,10 @@ class CollapsibleActivation(nn.Module):
         self.offset: torch.Tensor | None
         self.register_buffer("slope", None if line is None else line[0].detach().clone().reshape(-1))
         self.register_buffer("offset", None if line is None else line[1].detach().clone().reshape(-1))
+        # any block with an affine target: the block's output is blended towards weight·x + bias (learnable)
+        self.affine_weight = None if affine is None else nn.Parameter(affine[0].detach().clone())
+        self.affine_bias = None if affine is None else nn.Parameter(affine[1].detach().clone().reshape(-1))
+        self._block_input: torch.Tensor | None = None  # the block input x seen by the input projection's hook
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None  # α seen by the latest forward (readable under FSDP)
 
@@ -81,6 +98,8 @@ class CollapsibleActivation(nn.Module):
         alpha = alpha.to(hidden_states.dtype)
         if self.mode == "prelu":
             return torch.where(hidden_states >= 0, hidden_states, alpha * hidden_states)
+        if self.affine_weight is not None:  # the blend is applied to the block's output (see _blend_output)
+            return self.activation(hidden_states)
         # torch.lerp(a, b, w) = a + w·(b − a) in one kernel, exactly a at w = 0 and exactly b at w = 1
         if self.gate_constant is not None:
             return torch.lerp(self.activation(hidden_states), self.gate_constant.to(hidden_states.dtype), alpha)
@@ -90,11 +109,57 @@ class CollapsibleActivation(nn.Module):
             return torch.lerp(self.activation(hidden_states), target, alpha)
         return torch.lerp(self.activation(hidden_states), hidden_states, alpha)
 
+    def attach(self, input_projection: nn.Module, output_projection: nn.Module) -> None:
+        """Affine targets: hook the block's input projection (to see ``x``) and output projection (to blend its output
+        towards ``affine_weight·x + affine_bias``). The hooks are bound methods of this module, so a ``deepcopy`` of
+        the model keeps them pointing at the copy's activation; collapsing replaces both projections (and the hooks).
+
+        Example:
+            >>> import torch
+            >>> from hf_layercollapse import CollapsibleActivation
+            >>> fc1, fc2 = torch.nn.Linear(4, 16), torch.nn.Linear(16, 4)
+            >>> act = CollapsibleActivation(torch.nn.GELU(), affine=(torch.eye(4), torch.zeros(4)))
+            >>> act.attach(fc1, fc2)
+            >>> x = torch.randn(2, 4)
+            >>> torch.equal(fc2(act(fc1(x))), fc2(torch.nn.functional.gelu(fc1(x))))  # α = 0: the block
+            True
+            >>> _ = act.alpha.data.fill_(1.0)
+            >>> torch.equal(fc2(act(fc1(x))), x)  # α = 1: the map, here the identity
+            True
+        """
+        if self.affine_weight is None:
+            raise ValueError("attach() is for activations with an affine target (affine=(weight, bias)).")
+        input_projection.register_forward_pre_hook(self._stash_input)
+        output_projection.register_forward_hook(self._blend_output)
+
+    def _stash_input(self, module: nn.Module, args: tuple) -> None:
+        self._block_input = args[0]
+
+    def _blend_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x, self._block_input = self._block_input, None
+        if x is None:
+            raise RuntimeError("The output projection of a block with an affine target ran without its input "
+                               "projection: the block's call order is not input projection, activation, output.")
+        alpha = self.alpha.to(output.dtype)
+        target = F.linear(x.to(output.dtype), self.affine_weight.to(output.dtype), self.affine_bias.to(output.dtype))
+        return torch.lerp(output, target, alpha)
+
+    @property
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(weight [out, in], bias)`` of the affine map the block's output is blended towards, or None."""
+        return None if self.affine_weight is None else (self.affine_weight, self.affine_bias)
+
+    def target_parameters(self) -> list[nn.Parameter]:
+        """The learnable linear target besides α: a gated block's ``c`` or an affine target's weight and bias."""
+        params = [self.gate_constant, self.affine_weight, self.affine_bias]
+        return [p for p in params if p is not None]
+
     def __getstate__(self) -> dict:
         # the term recorded by the last forward is part of an autograd graph: it is not state (deepcopy, pickle)
         state = dict(self.__dict__)
         state["_regularization_term"] = None
         state["last_alpha"] = None
+        state["_block_input"] = None
         return state
 
     def regularization_term(self) -> torch.Tensor:
@@ -117,6 +182,7 @@ class CollapsibleActivation(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self.gate_constant is None else f", gate_constant=[{self.gate_constant.numel()}]"
         extra += "" if self.slope is None else f", line=[{self.slope.numel()}]"
+        extra += "" if self.affine_weight is None else f", affine={list(self.affine_weight.shape)}"
         return f"mode={self.mode!r}, alpha={self.alpha_value:.4f}{extra}"
 
     @property

@@ -372,3 +372,21 @@ def activation_lines(model: nn.Module, blocks: list[MLPBlock], calibration_data)
     dtype = model.get_submodule(blocks[0].path("fc1")).weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
     return {b.name: tuple(t.to(dtype) for t in stats[b.name].line.solve()) for b in blocks}
+
+
+def affine_targets(model: nn.Module, blocks: list[MLPBlock], calibration_data,
+                   ridge: float = 1e-4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(weight [out, in], bias [out])`` of each block's affine map closest to the block's output over the
+    calibration data (padding excluded; relative least squares, :class:`LeastSquaresStats`), keyed by block name,
+    in the model's dtype: the target of ``linear_target="affine"``. Each token's error counts relative to the size
+    of its output, the planner's fit that was not catastrophic on the real SmolLM2-135M's blocks."""
+    if not blocks:
+        return {}
+    batches = calibration_batches(calibration_data, model)
+    stats = collect_statistics(model, blocks, batches, least_squares=True, gate_fit=False)
+    missing = [b.name for b in blocks if not stats[b.name].relative_least_squares.count]
+    if missing:
+        raise ValueError(f"The calibration data never reached the blocks {missing}.")
+    dtype = model.get_submodule(blocks[0].path("fc2")).weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    return {b.name: tuple(t.to(dtype) for t in stats[b.name].relative_least_squares.solve(ridge)) for b in blocks}

@@ -65,7 +65,8 @@ _PIPELINE_TAGS = {
 }
 _TRAINING_LABELS = {"reg_weight": "λ (weight of λ·Σ(1−α)²)", "threshold": "τ (collapse when |1−α| ≤ τ)",
                     "activation": "collapsible activation", "init_alpha": "initial α",
-                    "linear_target": "linear target at α = 1 (default: identity / mean gate; fitted: least squares)",
+                    "linear_target": ("linear target at α = 1 (default: identity / mean gate; fitted: least squares; "
+                                      "affine: the block's least-squares affine map)"),
                     "layers_to_transform": "layers_to_transform", "target_modules": "target_modules",
                     "exclude_modules": "exclude_modules"}
 

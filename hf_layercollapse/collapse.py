@@ -154,10 +154,18 @@ def block_costs(fc1: nn.Module, fc2: nn.Module, merged_bias: bool,
 
 
 def merge_block(owner: nn.Module, layout: Layout, gate_constant: torch.Tensor | None = None,
-                line: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+                line: tuple[torch.Tensor, torch.Tensor] | None = None,
+                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
     """The merged projection of a block whose activation is the identity or ``line`` (plain) or whose gate is
-    ``gate_constant``."""
+    ``gate_constant``; with ``affine=(weight, bias)``, of a block that is that map (``linear_target="affine"``)."""
     fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
+    if affine is not None:
+        weight, bias = (t.detach().to(fc2.weight.device, torch.promote_types(t.dtype, torch.float32)) for t in affine)
+        d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
+        if tuple(weight.shape) != (d_out, d_in) or tuple(bias.shape) != (d_out,):
+            raise ValueError(f"The affine target is {tuple(weight.shape)} (bias {tuple(bias.shape)}) but the block "
+                             f"maps {d_in} -> {d_out} features.")
+        return projection_from(fc2, weight, bias)
     if layout.kind is BlockKind.GATED:
         if gate_constant is None:
             raise ValueError("A gated block needs its gate constant to be merged.")
@@ -197,7 +205,8 @@ def collapse_model(
         threshold: τ; default: the ``threshold`` of the config used at injection (0.05).
         force: Merge the named blocks even when α is far from 1 (the merged block then computes the block with
             its activation replaced by the linear target: ``W2·W1·x + b``, or with a fitted line
-            ``W2·diag(a)·W1·x + b``, or the constant gate; the activation's non-linear part is dropped).
+            ``W2·diag(a)·W1·x + b``, or the constant gate, or it is the affine target; the non-linear part is
+            dropped).
         plan: A collapse plan (see above); ``blocks``, ``threshold`` and ``force`` must then be left unset.
 
     Returns:
@@ -286,7 +295,8 @@ def _collapse_block(
     layout = act.layout
     owner = model.get_submodule(name) if name else model
     fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
-    has_bias = fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D) or act.line is not None
+    has_bias = (fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D) or act.line is not None
+                or act.affine is not None)
     params_before, params_after, flops_before, flops_after = block_costs(fc1, fc2, has_bias, block_gate(owner, layout))
     alpha = act.alpha_value
     row = BlockReport(name, layout.kind.value, alpha, "kept", "", params_before, params_before, flops_before,
@@ -298,7 +308,7 @@ def _collapse_block(
     elif params_after >= params_before:
         row.status, row.reason = "skipped", "merging would not save parameters"
     else:
-        merged = merge_block(owner, layout, act.gate_constant, act.line)
+        merged = merge_block(owner, layout, act.gate_constant, act.line, act.affine)
         install_merged(owner, layout, merged)
         d_in, d_out = projection_shape(merged)
         record_block(model, name, layout, "collapsed", alpha=alpha, in_features=d_in, out_features=d_out,

@@ -20,7 +20,7 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 
 CONFIG_NAME = "layercollapse_config.json"
 ACTIVATIONS = ("blend", "prelu")
-LINEAR_TARGETS = ("default", "fitted")
+LINEAR_TARGETS = ("default", "fitted", "affine")
 DEFAULT_INIT_ALPHA = {"blend": 0.0, "prelu": 0.01}
 #: The ``peft_type`` of LayerCollapse adapters (a key added to PEFT's registries on ``import hf_layercollapse``).
 PEFT_TYPE = "LAYERCOLLAPSE"
@@ -69,7 +69,13 @@ class LayerCollapseConfig(PeftConfig):
             is closest to the original block's output (relative squared error, closed form). A GELU channel that
             is mostly negative is close to 0, not to the identity, so the fitted line is a far smaller change
             than the identity (measured in ``benchmarks/results/quality_fitted.md`` and
-            ``benchmarks/results/gated_perplexity.md``).
+            ``benchmarks/results/gated_perplexity.md``). ``"affine"`` (needs calibration data, not through PEFT):
+            the whole block, plain or gated, blends towards the affine map of its input that is closest to its
+            output on the calibration data (relative least squares, the planner's merge): the block computes
+            ``(1−α)·block(x) + α·(W·x + b)`` with ``W`` (``[d_out, d_in]``) and ``b`` learnable, and at α = 1 it is
+            that map, collapsed into one projection. Costs ``d_out·d_in`` more parameters per block while training
+            (and one more ``d×d`` product per forward); the richest target: a line per channel or a constant gate
+            is one of the maps it can be.
         modules_to_save: With PEFT only: modules besides α (and LoRA) to train and save in full, e.g. a new
             classification head (PEFT adds ``classifier``/``score`` itself for ``task_type="SEQ_CLS"``).
         lora_config: With PEFT only: a ``peft.LoraConfig`` (or the dict of its fields) whose LoRA layers are part of
@@ -111,7 +117,8 @@ class LayerCollapseConfig(PeftConfig):
     linear_target: str = field(
         default="default",
         metadata={"help": "What the activation becomes at α = 1: 'default' (identity; gated: c at the mean of "
-                          "act(gate(x))) or 'fitted' (least squares on calibration data)."},
+                          "act(gate(x))), 'fitted' (least squares on calibration data) or 'affine' (the block "
+                          "blends towards its least-squares affine map, learnable)."},
     )
     modules_to_save: list[str] | None = field(
         default=None,
@@ -129,9 +136,9 @@ class LayerCollapseConfig(PeftConfig):
             raise ValueError(f"activation={self.activation!r} is not supported: use one of {ACTIVATIONS}.")
         if self.linear_target not in LINEAR_TARGETS:
             raise ValueError(f"linear_target={self.linear_target!r} is not supported: use one of {LINEAR_TARGETS}.")
-        if self.linear_target == "fitted" and self.activation != "blend":
-            raise ValueError(f"linear_target='fitted' blends the activation towards a fitted line: it needs "
-                             f"activation='blend', not {self.activation!r}.")
+        if self.linear_target != "default" and self.activation != "blend":
+            raise ValueError(f"linear_target={self.linear_target!r} blends the block towards a fitted target: it "
+                             f"needs activation='blend', not {self.activation!r}.")
         if self.init_alpha is None:
             self.init_alpha = DEFAULT_INIT_ALPHA[self.activation]
         if not 0.0 <= float(self.init_alpha) <= 1.0:

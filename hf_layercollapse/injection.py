@@ -9,7 +9,7 @@ from torch import nn
 
 from .activation import CollapsibleActivation
 from .architectures import BlockKind, MLPBlock, check_not_moe, find_mlp_blocks, select_blocks
-from .calibration import activation_lines, gate_constants
+from .calibration import activation_lines, affine_targets, gate_constants
 from .config import LayerCollapseConfig
 from .plan import record_block, set_module
 
@@ -85,8 +85,8 @@ def get_collapse_model(
         calibration_data: Batches (or a dataset) of model inputs. Gated blocks (Llama, Mistral, Qwen, Gemma,
             Phi-3, gated T5): the gate constant ``c`` starts as the per-channel mean of ``act(gate(x))`` on them
             (without them, over ``example_inputs`` or a small dummy batch, a rough estimate; training then learns
-            ``c`` with α). With ``config.linear_target="fitted"`` (required then) every block's linear target is
-            fitted on them (see :class:`~hf_layercollapse.LayerCollapseConfig`).
+            ``c`` with α). With ``config.linear_target="fitted"`` or ``"affine"`` (required then) every block's
+            linear target is fitted on them (see :class:`~hf_layercollapse.LayerCollapseConfig`).
 
     Example:
         >>> import torch
@@ -125,25 +125,32 @@ def get_collapse_model(
         )
     _check_supported(selected, model, config)
     _check_not_shared(model, selected)
-    fitted = config.linear_target == "fitted"
-    if fitted and calibration_data is None:
-        raise ValueError("linear_target='fitted' fits each block's linear target on calibration data: pass "
-                         "calibration_data= (a few hundred examples of your task), or use linear_target='default'.")
-    constants = gate_constants(model, [b for b in selected if b.kind is BlockKind.GATED], calibration_data,
-                               example_inputs, method="least_squares" if fitted else "mean")
+    fitted, affine = config.linear_target == "fitted", config.linear_target == "affine"
+    if (fitted or affine) and calibration_data is None:
+        raise ValueError(f"linear_target={config.linear_target!r} fits each block's linear target on calibration "
+                         "data: pass calibration_data= (a few hundred examples of your task), or use "
+                         "linear_target='default'.")
+    affines = affine_targets(model, selected, calibration_data) if affine else {}
+    constants = {} if affine else gate_constants(model, [b for b in selected if b.kind is BlockKind.GATED],
+                                                 calibration_data, example_inputs,
+                                                 method="least_squares" if fitted else "mean")
     lines = activation_lines(model, [b for b in selected if b.kind is BlockKind.PLAIN], calibration_data) if (
         fitted) else {}
     for block in selected:
         act_name = block.path("act")
         weight = model.get_submodule(block.path("fc1")).weight
         wrapped = CollapsibleActivation(model.get_submodule(act_name), config.activation, config.init_alpha,
-                                        gate_constant=constants.get(block.name), line=lines.get(block.name))
+                                        gate_constant=constants.get(block.name), line=lines.get(block.name),
+                                        affine=affines.get(block.name))
         wrapped.layout = block.layout
         wrapped.fitted_gate = fitted and block.kind is BlockKind.GATED
         wrapped.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         set_module(model, act_name, wrapped)
+        if affine:
+            wrapped.attach(model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2")))
         target = {"line": True} if block.name in lines else {}  # apply_plan rebuilds the line's buffers
         target.update({"fitted_gate": True} if wrapped.fitted_gate else {})
+        target.update({"affine": True} if affine else {})  # and the affine target's parameters
         record_block(model, block.name, block.layout, "injected", mode=config.activation, config=config, **target)
     return model
 
@@ -163,13 +170,14 @@ def check_refittable(model: nn.Module) -> None:
 def refit_linear_targets(model: nn.Module, calibration_data, blocks: list[str] | None = None) -> list[str]:
     """Fit the linear targets of injected blocks again, on the model as it is now, over ``calibration_data``.
 
-    The target is what a block's activation blends towards: a plain block's per-channel line
-    (``linear_target="fitted"``) and a gated block's constant ``c`` (the mean of ``act(gate(x))``, or with
-    ``"fitted"`` its least-squares fit). Fine-tuning moves the weights, so a target fitted at injection drifts away
-    from the best one; :class:`~hf_layercollapse.LayerCollapseTrainer` (``calibration_data=``) calls this for each
-    block when its α starts to move. Only blocks at α = 0 exactly are refitted: their output does not depend on the
-    target, so refitting changes no output. Plain blocks blending towards the identity have nothing to fit. Under
-    ``torch.distributed`` call it on every process: the targets are broadcast from rank 0.
+    The target is what a block blends towards: a plain block's per-channel line (``linear_target="fitted"``), a
+    gated block's constant ``c`` (the mean of ``act(gate(x))``, or with ``"fitted"`` its least-squares fit) and the
+    affine map of ``linear_target="affine"`` (its relative least-squares fit). Fine-tuning moves the weights, so a
+    target fitted at injection drifts away from the best one; :class:`~hf_layercollapse.LayerCollapseTrainer`
+    (``calibration_data=``) calls this for each block when its α starts to move. Only blocks at α = 0 exactly are
+    refitted: their output does not depend on the target, so refitting changes no output. Plain blocks blending
+    towards the identity have nothing to fit. Under ``torch.distributed`` call it on every process: the targets are
+    broadcast from rank 0.
 
     Args:
         model: A model prepared by :func:`get_collapse_model`.
@@ -199,7 +207,7 @@ def refit_linear_targets(model: nn.Module, calibration_data, blocks: list[str] |
     if unknown:
         raise ValueError(f"refit_linear_targets: {unknown} are not injected blocks; this model has {list(acts)}.")
     check_refittable(model)
-    with_target = [n for n in names if acts[n].slope is not None or acts[n].gate_constant is not None]
+    with_target = [n for n in names if acts[n].slope is not None or acts[n].target_parameters()]
     moved = [n for n in with_target if acts[n].alpha_value != 0.0]
     if moved and blocks is not None:
         logger.warning("refit_linear_targets: %s have α != 0 (their output depends on the target): not refitted.",
@@ -207,14 +215,15 @@ def refit_linear_targets(model: nn.Module, calibration_data, blocks: list[str] |
     chosen = [n for n in with_target if n not in moved]
     plain = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].slope is not None]
     gated = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].gate_constant is not None]
+    affine = [MLPBlock(n, i, acts[n].layout) for i, n in enumerate(chosen) if acts[n].affine is not None]
     targets: dict[str, tuple[torch.Tensor, ...]] = dict(activation_lines(model, plain, calibration_data))
+    targets.update(affine_targets(model, affine, calibration_data))
     for method, fitted in (("least_squares", True), ("mean", False)):  # each block by the rule it was injected with
         same = [b for b in gated if acts[b.name].fitted_gate == fitted]
         targets.update({name: (c,) for name, c in gate_constants(model, same, calibration_data, method=method).items()})
     for name, values in targets.items():
         act = acts[name]
-        for buffer, value in zip((act.gate_constant,) if act.gate_constant is not None else (act.slope, act.offset),
-                                 values):
+        for buffer, value in zip(act.target_parameters() or (act.slope, act.offset), values):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.broadcast(value, src=0)  # every process holds the same target
             buffer.copy_(value.to(buffer.device, buffer.dtype))

@@ -120,18 +120,23 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
                 f"{type(model).__name__} has no such module: {err}. The checkpoint does not match this architecture."
             ) from None
         if entry["state"] == "injected":
-            constant = None
-            if layout.kind is BlockKind.GATED:  # filled from the checkpoint, like α
+            constant = line = affine = None
+            like = {"dtype": fc1.weight.dtype, "device": fc1.weight.device}
+            if entry.get("affine"):  # an affine target (linear_target="affine"): filled from the checkpoint
+                d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
+                affine = (torch.zeros(d_out, d_in, **like), torch.zeros(d_out, **like))
+            elif layout.kind is BlockKind.GATED:  # filled from the checkpoint, like α
                 channels = projection_shape(fc1)[1] // (2 if layout.gate == layout.fc1 else 1)
-                constant = torch.zeros(channels, dtype=fc1.weight.dtype, device=fc1.weight.device)
-            line = None
+                constant = torch.zeros(channels, **like)
             if entry.get("line"):  # a fitted target (linear_target="fitted"): filled from the checkpoint
-                channels = projection_shape(fc1)[1]
-                line = (torch.zeros(channels, dtype=fc1.weight.dtype, device=fc1.weight.device),) * 2
-            wrapped = CollapsibleActivation(act, entry.get("mode", "blend"), 0.0, gate_constant=constant, line=line)
+                line = (torch.zeros(projection_shape(fc1)[1], **like),) * 2
+            wrapped = CollapsibleActivation(act, entry.get("mode", "blend"), 0.0, gate_constant=constant, line=line,
+                                            affine=affine)
             wrapped.layout = layout
             wrapped.fitted_gate = bool(entry.get("fitted_gate"))
             set_module(owner, layout.act, wrapped)
+            if affine is not None:
+                wrapped.attach(fc1, fc2)
             continue
         _install_empty_merged(model, name, owner, layout, fc1, fc2, entry)
 

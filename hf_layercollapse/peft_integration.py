@@ -108,6 +108,8 @@ class LayerCollapseLayer(CollapsibleActivation, BaseTunerLayer):
 
     adapter_layer_names = ("layercollapse_alpha", "layercollapse_gate_constant")
     other_param_names = ("layercollapse_slope", "layercollapse_offset")
+    # affine targets (linear_target="affine") are not offered through PEFT (LayerCollapseConfig refuses them there)
+    affine_weight = affine_bias = None
 
     def __init__(
         self,
@@ -354,6 +356,10 @@ class LayerCollapseModel(BaseTuner):
         return peft_config  # blocks are found by structure, no per-model_type table of names is needed
 
     def _prepare_model(self, peft_config: LayerCollapseConfig, model: nn.Module) -> None:
+        if peft_config.linear_target == "affine":
+            raise ValueError("linear_target='affine' is not supported through PEFT (an adapter holds α, c and lines, "
+                             "not a d×d map per block): use hf_layercollapse.get_collapse_model(model, config, "
+                             "calibration_data=...), or linear_target='fitted' with PEFT.")
         self._targets, self._excluded = _select_targets(model, peft_config)
         # gated blocks: c starts at the mean of act(gate(x)) over a dummy batch (get_collapse_model's default); plain
         # blocks with linear_target="fitted": the line fitted on that batch. calibrate_linear_targets fits both on

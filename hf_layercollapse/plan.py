@@ -16,8 +16,9 @@ from .architectures import Layout
 
 PLAN_KEY = "layercollapse"
 #: Newest plan format this version reads. Format 2: an injected block may carry a fitted line (``"line": true``,
-#: whose buffers an older reader would drop silently); plans without one are still written as format 1.
-PLAN_FORMAT = 2
+#: whose buffers an older reader would drop silently); format 3: an affine target (``"affine": true``, whose
+#: parameters and blend an older reader would drop). Plans are written in the oldest format that holds them.
+PLAN_FORMAT = 3
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -79,5 +80,7 @@ def record_block(model: nn.Module, name: str, layout: Layout, state: str, config
     plan["blocks"][to_base_name(model, name)] = {"state": state, "layout": layout.to_dict(), **info}
     if info.get("line"):
         plan["format"] = max(plan.get("format", 1), 2)
+    if info.get("affine"):
+        plan["format"] = max(plan.get("format", 1), 3)
     setattr(model.config, PLAN_KEY, plan)
     mark_model(model)

@@ -120,11 +120,11 @@ class ProgressiveSchedule(TrainerCallback):
 
     Block ``i`` of the order is regularised alone during optimizer steps ``start + i·S + 1 … start + (i+1)·S``;
     when its stage ends its α is set to exactly 1 and held (the block is linear: collapsed in effect, merged by
-    ``collapse_model`` later). Blocks whose stage has not begun keep α (and a gated block's ``c``) at their values
-    when training started. Held parameters get no gradient — also not in gradient clipping — so the optimizer
-    leaves them and their state alone. The change happens in ``on_optimizer_step``: every callback's
-    ``on_step_end`` at step ``start + k·S`` sees k blocks at α = 1. Injected blocks left out of a named order are
-    held at their initial α throughout.
+    ``collapse_model`` later). Blocks whose stage has not begun keep α, and their linear targets (a gated block's
+    ``c``, an affine target's map), at their values when training started. Held parameters get no gradient — also
+    not in gradient clipping — so the optimizer leaves them and their state alone. The change happens in
+    ``on_optimizer_step``: every callback's ``on_step_end`` at step ``start + k·S`` sees k blocks at α = 1.
+    Injected blocks left out of a named order are held at their initial α throughout.
     """
 
     def __init__(self, trainer: Trainer) -> None:
@@ -176,7 +176,7 @@ class ProgressiveSchedule(TrainerCallback):
                 "(max_steps %d): the last blocks will not reach α = 1. Train longer or shorten progressive_steps.",
                 len(self.blocks), self.args.progressive_steps, self.args.progressive_start, end, state.max_steps,
             )
-        self.initial = [(act.alpha.detach().clone(), _gate(act)) for act in self._all()]
+        self.initial = [(act.alpha.detach().clone(), _targets(act)) for act in self._all()]
         self._hold(state.global_step)
 
     def drop_held_gradients(self, step: int) -> None:
@@ -187,8 +187,9 @@ class ProgressiveSchedule(TrainerCallback):
             if act is active:
                 continue
             act.alpha.grad = None
-            if i >= finished and getattr(act, "gate_constant", None) is not None:  # a linear block's c trains
-                act.gate_constant.grad = None
+            if i >= finished:  # a linear block's c (or affine target) trains: it is the block now
+                for target in act.target_parameters():
+                    target.grad = None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.drop_held_gradients(state.global_step)
@@ -214,10 +215,10 @@ class ProgressiveSchedule(TrainerCallback):
                 if i < finished:
                     act.alpha.fill_(1.0)
                 elif act is not active:
-                    alpha, gate = self.initial[i]
+                    alpha, targets = self.initial[i]
                     act.alpha.copy_(alpha)
-                    if gate is not None:
-                        act.gate_constant.copy_(gate)
+                    for target, value in zip(act.target_parameters(), targets):
+                        target.copy_(value)
 
 
 class RefitTargets(TrainerCallback):
@@ -246,9 +247,8 @@ class RefitTargets(TrainerCallback):
                 logger.info("step %d: refitted the linear targets of %s", state.global_step, refitted)
 
 
-def _gate(act: CollapsibleActivation) -> torch.Tensor | None:
-    gate = getattr(act, "gate_constant", None)
-    return None if gate is None else gate.detach().clone()
+def _targets(act: CollapsibleActivation) -> list[torch.Tensor]:
+    return [target.detach().clone() for target in act.target_parameters()]
 
 
 class LayerCollapseTrainerMixin:
@@ -310,11 +310,10 @@ class LayerCollapseTrainerMixin:
 
     # ---------------------------------------------------------------------------------------------- optimizer
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """Everything ``Trainer`` decays except α and the gate constants c (decay would pull α away from 1 and c
-        towards a zero gate)."""
+        """Everything ``Trainer`` decays except α and the linear targets (gate constants c, affine targets): decay
+        would pull α away from 1, c towards a zero gate and an affine target away from its fit while it is held."""
         acts = injected_activations(model).values()
-        exempt = {id(act.alpha) for act in acts} | {id(act.gate_constant) for act in acts
-                                                   if getattr(act, "gate_constant", None) is not None}
+        exempt = {id(act.alpha) for act in acts} | {id(p) for act in acts for p in act.target_parameters()}
         return [n for n in super().get_decay_parameter_names(model)
                 if id(model.get_parameter(n)) not in exempt]
 
