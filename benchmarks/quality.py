@@ -295,9 +295,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--name", default="quality", help="results/NAME.{json,md,png}")
     parser.add_argument("--merge", nargs="+", metavar="NAME", help="merge results/NAME.json files into --name")
+    parser.add_argument("--combine", nargs="+", metavar="NAME",
+                        help="plot and tabulate the methods of several results/NAME.json runs (same schedule and "
+                             "seeds, other methods or settings) together as --name")
     args = parser.parse_args()
     if args.merge:
         merge(args)
+        return
+    if args.combine:
+        combine(args)
         return
     if args.refit_targets and args.linear_target == "default":
         parser.error("--refit_targets refits the fitted targets: it needs --linear_target fitted or affine")
@@ -375,6 +381,41 @@ def merge(args) -> None:
              "seeds_done": item["environment"]["seeds_done"]} for item in loaded]
     base_params = min(r["params"] for r in rows if r["k"] == 0)  # the uncompressed model (without α)
     write(rows, base_params, args, time.time(), runs)
+
+
+SCHEDULE = ("warmup_steps", "stage_steps", "recovery_steps", "train_size", "test_size")
+
+
+def combine(args) -> None:
+    """One table (mean accuracy per method and k) and one plot of several runs' methods: the headline figure."""
+    loaded = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in args.combine}
+    schedules = {name: {k: item["environment"]["args"].get(k) for k in SCHEDULE} for name, item in loaded.items()}
+    seeds = {name: item["environment"]["seeds_done"] for name, item in loaded.items()}
+    differ = len({json.dumps(s, sort_keys=True) for s in schedules.values()}) > 1
+    if differ or len({str(s) for s in seeds.values()}) > 1:
+        raise SystemExit(f"--combine: the runs differ in schedule or seeds: {schedules} {seeds}")
+    rows = [row for item in loaded.values() for row in item["rows"]]
+    base_params = min(r["params"] for r in rows if r["k"] == 0)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ks = sorted({r["k"] for r in rows if r["k"]})
+    table_rows = []
+    for method in methods:
+        row = {"method": method}
+        for k in ks:
+            accs = [r["accuracy"] for r in rows if r["method"] == method and r["k"] == k]
+            row[f"k={k}"] = f"{100 * statistics.mean(accs):.1f}" if accs else ""
+        table_rows.append(row)
+    table = markdown_table(table_rows, ["method"] + [f"k={k}" for k in ks])
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(rows, base_params, RESULTS / f"{args.name}.png")
+    sources = ", ".join(f"[{name}.md]({name}.md)" for name in args.combine)
+    command = environment()["command"]
+    (RESULTS / f"{args.name}.md").write_text(
+        f"# Quality vs compression: the methods together (all-MiniLM-L6-v2, binary tweets)\n\nCommand: `{command}`, "
+        f"from {sources} (their commands, spreads and machines are recorded there); seeds {seeds[args.combine[0]]}. "
+        f"Mean test accuracy (%) over the seeds at k collapsed MLP blocks; at checkpoint k every method has had the "
+        f"same training steps.\n\n{table}\n\n![accuracy vs parameters removed]({args.name}.png)\n")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class LayerCollapseConfig(PeftConfig):
             ``(1−α)·block(x) + α·(W·x + b)`` with ``W`` (``[d_out, d_in]``) and ``b`` learnable, and at α = 1 it is
             that map, collapsed into one projection. Costs ``d_out·d_in`` more parameters per block while training
             (and one more ``d×d`` product per forward); the richest target: a line per channel or a constant gate
-            is one of the maps it can be.
+            is one of the maps it can be. LoRA layers on the block's projections would sit outside the blend.
         modules_to_save: With PEFT only: modules besides α (and LoRA) to train and save in full, e.g. a new
             classification head (PEFT adds ``classifier``/``score`` itself for ``task_type="SEQ_CLS"``).
         lora_config: With PEFT only: a ``peft.LoraConfig`` (or the dict of its fields) whose LoRA layers are part of

@@ -16,8 +16,8 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
     ("trainer_overhead.py", [], "ratio: trainer overhead"),
     ("load_memory.py", [], "load collapsed last 6"),
     ("quality.py", [], "planner (data-aware)"),
-    ("quality.py", ["--methods", "blend", "--linear_target", "fitted", "--refit_targets"],
-     "layercollapse-blend-fitted-refit"),
+    ("quality.py", ["--methods", "blend", "--linear_target", "affine", "--refit_targets"],
+     "layercollapse-blend-affine-refit"),
     ("gated_perplexity.py", [], "collapse cost after training"),
     ("generation.py", [], "LayerCollapse (progressive)"),
 ])
