@@ -20,6 +20,8 @@ plays (Hamlet, Julius Caesar, The Tempest, Twelfth Night). Then, for k = 0..n_la
 * the calibration planner (``plan_collapse``, data-aware merge, 32 training windows), its k cheapest blocks, no
   training.
 
+``--linear_target fitted|affine``: ours blends towards per-channel lines or each block's least-squares affine map,
+fitted on the calibration windows and again when each block's stage starts (``--name`` keeps the results apart).
 With several ``--seeds`` only the fine-tuning (ours and plain) is repeated; the pretrained model is one
 (``--pretrain_seed``). Writes results/generation.{json,md,png} and, in the JSON, greedy 30-token samples.
 """
@@ -51,6 +53,7 @@ from hf_layercollapse import assets
 from hf_layercollapse.collapse import model_params
 
 PROMPT = "Ham.\nTo be, or not to be,--that is the question:--\n"
+REFIT = " (fitted on the calibration windows, refitted at each stage start)"
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -130,8 +133,13 @@ def pretrain(config: GPT2Config, train: Windows, args) -> GPT2LMHeadModel:
     return model.eval()
 
 
-def layercollapse(base, train: Windows, evaluation: torch.Tensor, args, seed: int) -> tuple[list[dict], dict]:
-    model = hlc.get_collapse_model(copy.deepcopy(base).train(), hlc.LayerCollapseConfig(activation="blend"))
+def layercollapse(base, train: Windows, evaluation: torch.Tensor, calibration: torch.Tensor, args,
+                  seed: int) -> tuple[list[dict], dict]:
+    fitted = args.linear_target != "default"
+    batches = [{"input_ids": calibration[i:i + 8].clone()} for i in range(0, len(calibration), 8)] if fitted else None
+    model = hlc.get_collapse_model(copy.deepcopy(base).train(),
+                                   hlc.LayerCollapseConfig(activation="blend", linear_target=args.linear_target),
+                                   calibration_data=batches)
     order = list(hlc.injected_activations(model))[::-1]  # deepest first, the schedule's order
     n = len(order)
     rows, kept, alpha_end = [], {}, {}
@@ -159,7 +167,7 @@ def layercollapse(base, train: Windows, evaluation: torch.Tensor, args, seed: in
     steps = n * args.stage_steps
     trainer = hlc.LayerCollapseTrainer(
         model=model, args=finetune_args(steps, seed, args),
-        train_dataset=train, collapse_args=collapse_args,
+        train_dataset=train, collapse_args=collapse_args, calibration_data=batches,  # refit at each stage start
         callbacks=[AlphaBeforeHold(), EvaluateAt([k * args.stage_steps for k in range(1, n + 1)], evaluate)])
     trainer.train()
     alphas = [{k: v for k, v in log.items() if k == "step" or k.startswith("alpha/")}
@@ -292,6 +300,10 @@ def main() -> None:
     parser.add_argument("--reg_weight", type=float, default=5.0)
     parser.add_argument("--eval_windows", type=int, default=48)
     parser.add_argument("--calibration_windows", type=int, default=32)
+    parser.add_argument("--linear_target", choices=["default", "fitted", "affine"], default="default",
+                        help="LayerCollapseConfig.linear_target of ours (fitted on the calibration windows and again "
+                             "at each block's stage start)")
+    parser.add_argument("--name", default="generation", help="results/NAME.{json,md,png}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -336,7 +348,7 @@ def main() -> None:
     alpha_logs = {}
     for seed in args.seeds:
         plain_rows, plain_model = plain(base, train, evaluation, args, seed, args.n_layer)
-        ours_rows, ours = layercollapse(base, train, evaluation, args, seed)
+        ours_rows, ours = layercollapse(base, train, evaluation, calibration, args, seed)
         rows += plain_rows + ours_rows
         alpha_logs[seed] = ours["alpha_log"]
         if seed == args.seeds[0]:
@@ -357,12 +369,12 @@ def main() -> None:
     env = {**environment(), "args": vars(args), "minutes": minutes, "pretrain_minutes": pretrain_minutes,
            "train_windows": len(train), "eval_tokens": evaluation.numel(), "config": config.to_diff_dict()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "generation.json").write_text(json.dumps(
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"environment": env, "pretrained": info, "rows": rows, "summary": summary, "samples": samples,
          "alpha_log": alpha_logs}, indent=2) + "\n")
-    plot(rows, info, RESULTS / "generation.png")
+    plot(rows, info, RESULTS / f"{args.name}.png")
     sample_lines = "\n".join(f"- {name}: `{text!r}`" for name, text in samples.items() if name != "prompt")
-    (RESULTS / "generation.md").write_text(
+    (RESULTS / f"{args.name}.md").write_text(
         f"# Held-out perplexity vs collapsed MLP blocks (GPT-2 config from scratch, Shakespeare)\n\n"
         f"Command: `{env['command']}` ({minutes:.0f} min on {env['machine']}, {env['cpus']} CPUs, "
         f"{args.threads} torch thread(s); torch {env['torch']}, transformers {env['transformers']}).\n\n"
@@ -372,9 +384,10 @@ def main() -> None:
         f"for {args.pretrain_steps} steps of {args.batch_size}×{args.seq_len} tokens (seed {args.pretrain_seed}). "
         f"Perplexity on {evaluation.numel():,} tokens of the held-out plays (Hamlet, Julius Caesar, The Tempest, "
         f"Twelfth Night). Ours and plain: {args.n_layer} × {args.stage_steps} extra steps, lr {args.lr}, "
-        f"seeds {args.seeds}; ours: progressive, deepest first, α lr {args.alpha_lr}, λ {args.reg_weight}. "
+        f"seeds {args.seeds}; ours: progressive, deepest first, α lr {args.alpha_lr}, λ {args.reg_weight}, "
+        f"linear target {args.linear_target!r}{REFIT if args.linear_target != 'default' else ''}. "
         f"'vs plain, same step' pairs each seed's run with plain continued training of the same seed and step.\n\n"
-        f"{table}\n\n![perplexity vs collapsed blocks](generation.png)\n\n"
+        f"{table}\n\n![perplexity vs collapsed blocks]({args.name}.png)\n\n"
         f"Greedy 30-token continuations of `{PROMPT!r}`:\n\n{sample_lines}\n")
 
 

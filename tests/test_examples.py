@@ -163,9 +163,10 @@ def test_text_classification_two_cpu_processes(tmp_path: Path) -> None:
           "--main_process_port", str(_free_port()),
           "examples/run_text_classification.py", str(CONFIGS / "text_classification_offline.json"),
           "--output_dir", str(output_dir), *QUICK, *TEXT_QUICK,
-          "--linear_target", "fitted", "--calibration_samples", "32"], timeout=400)  # refit: broadcast from rank 0
+          # affine maps (hooks under DDP), refitted in training: broadcast from rank 0
+          "--linear_target", "affine", "--calibration_samples", "32"], timeout=400)
     results = _check_results(output_dir, "accuracy")
-    assert results["world_size"] == 2 and results["layercollapse_config"]["linear_target"] == "fitted"
+    assert results["world_size"] == 2 and results["layercollapse_config"]["linear_target"] == "affine"
     assert results["distributed_type"] == "DistributedType.MULTI_CPU"
 
 
