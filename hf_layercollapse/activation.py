@@ -25,8 +25,9 @@ class CollapsibleActivation(nn.Module):
     Any block, plain or gated, may instead blend its whole output towards an affine map of its input
     (``affine=(weight, bias)``, learnable ``affine_weight`` ``[out, in]`` and ``affine_bias``;
     ``LayerCollapseConfig(linear_target="affine")``): the block computes ``(1−α)·block(x) + α·(weight·x + bias)``,
-    and at α = 1 it is that map. The activation itself is then left as it is; the blend happens in hooks on the
-    block's input and output projections, which :meth:`attach` registers.
+    and at α = 1 it is that map. The activation itself is then left as it is: ``forward`` computes the map of the
+    block input ``x`` (seen by a hook on the input and gate projections) and a hook on the output projection blends
+    it in (:meth:`attach` registers the hooks), so the map's parameters, like α, are only read inside ``forward``.
 
     In both modes α = 1 is linear (plain blocks), so the block around it becomes one affine map that
     :func:`hf_layercollapse.collapse_model` merges. ``alpha`` has shape ``(1,)`` because FSDP rejects 0-dim
@@ -88,6 +89,7 @@ class CollapsibleActivation(nn.Module):
         self.affine_weight = None if affine is None else nn.Parameter(affine[0].detach().clone())
         self.affine_bias = None if affine is None else nn.Parameter(affine[1].detach().clone().reshape(-1))
         self._block_input: torch.Tensor | None = None  # the block input x seen by the input projection's hook
+        self._affine_target: tuple[torch.Tensor, torch.Tensor] | None = None  # (W·x + b, α) for the output hook
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None  # α seen by the latest forward (readable under FSDP)
 
@@ -98,7 +100,14 @@ class CollapsibleActivation(nn.Module):
         alpha = alpha.to(hidden_states.dtype)
         if self.mode == "prelu":
             return torch.where(hidden_states >= 0, hidden_states, alpha * hidden_states)
-        if self.affine_weight is not None:  # the blend is applied to the block's output (see _blend_output)
+        if self.affine_weight is not None:  # the map is blended into the block's output by _blend_output
+            x, self._block_input = self._block_input, None
+            if x is None:
+                raise RuntimeError(f"{self._where()}: the activation ran before the block's input projection, so the "
+                                   "affine target has no input; use linear_target='fitted' for this architecture.")
+            dtype = hidden_states.dtype
+            target = F.linear(x.to(dtype), self.affine_weight.to(dtype), self.affine_bias.to(dtype))
+            self._affine_target = (target, alpha)
             return self.activation(hidden_states)
         # torch.lerp(a, b, w) = a + w·(b − a) in one kernel, exactly a at w = 0 and exactly b at w = 1
         if self.gate_constant is not None:
@@ -109,19 +118,22 @@ class CollapsibleActivation(nn.Module):
             return torch.lerp(self.activation(hidden_states), target, alpha)
         return torch.lerp(self.activation(hidden_states), hidden_states, alpha)
 
-    def attach(self, input_projection: nn.Module, output_projection: nn.Module) -> None:
-        """Affine targets: hook the block's input projection (to see ``x``) and output projection (to blend its output
-        towards ``affine_weight·x + affine_bias``). The hooks are bound methods of this module, so a ``deepcopy`` of
-        the model keeps them pointing at the copy's activation; collapsing replaces both projections (and the hooks).
+    def attach(self, input_projection: nn.Module, output_projection: nn.Module,
+               gate_projection: nn.Module | None = None) -> None:
+        """Affine targets: hook the block's input projection and a gated block's gate projection (to see ``x``, for
+        ``forward``) and its output projection (to blend its output towards ``affine_weight·x + affine_bias``). The
+        hooks are bound methods of this module, so a ``deepcopy`` of the model keeps them pointing at the copy's
+        activation; collapsing replaces the projections (and the hooks).
 
         Example:
             >>> import torch
             >>> from hf_layercollapse import CollapsibleActivation
             >>> fc1, fc2 = torch.nn.Linear(4, 16), torch.nn.Linear(16, 4)
+            >>> x = torch.randn(2, 4)
+            >>> block = fc2(torch.nn.functional.gelu(fc1(x)))
             >>> act = CollapsibleActivation(torch.nn.GELU(), affine=(torch.eye(4), torch.zeros(4)))
             >>> act.attach(fc1, fc2)
-            >>> x = torch.randn(2, 4)
-            >>> torch.equal(fc2(act(fc1(x))), fc2(torch.nn.functional.gelu(fc1(x))))  # α = 0: the block
+            >>> torch.equal(fc2(act(fc1(x))), block)  # α = 0: the block
             True
             >>> _ = act.alpha.data.fill_(1.0)
             >>> torch.equal(fc2(act(fc1(x))), x)  # α = 1: the map, here the identity
@@ -129,20 +141,27 @@ class CollapsibleActivation(nn.Module):
         """
         if self.affine_weight is None:
             raise ValueError("attach() is for activations with an affine target (affine=(weight, bias)).")
-        input_projection.register_forward_pre_hook(self._stash_input)
+        inputs = [input_projection] + ([gate_projection] if gate_projection not in (None, input_projection) else [])
+        for projection in inputs:  # a gated block may run act(gate(x)) before up(x): x is seen by both
+            projection.register_forward_pre_hook(self._stash_input)
         output_projection.register_forward_hook(self._blend_output)
+
+    def _where(self) -> str:
+        layout = getattr(self, "layout", None)
+        return (f"Block with an affine target ({layout.fc1} -> {layout.act} -> {layout.fc2})" if layout is not None
+                else "Block with an affine target")
 
     def _stash_input(self, module: nn.Module, args: tuple) -> None:
         self._block_input = args[0]
 
     def _blend_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x, self._block_input = self._block_input, None
-        if x is None:
-            raise RuntimeError("The output projection of a block with an affine target ran without its input "
-                               "projection: the block's call order is not input projection, activation, output.")
-        alpha = self.alpha.to(output.dtype)
-        target = F.linear(x.to(output.dtype), self.affine_weight.to(output.dtype), self.affine_bias.to(output.dtype))
-        return torch.lerp(output, target, alpha)
+        computed, self._affine_target, self._block_input = self._affine_target, None, None
+        if computed is None:
+            raise RuntimeError(f"{self._where()}: the output projection ran without the activation before it, so "
+                               "there is no affine target to blend in; use linear_target='fitted' for this "
+                               "architecture.")
+        target, alpha = computed
+        return torch.lerp(output, target.to(output.dtype), alpha.to(output.dtype))
 
     @property
     def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -160,6 +179,7 @@ class CollapsibleActivation(nn.Module):
         state["_regularization_term"] = None
         state["last_alpha"] = None
         state["_block_input"] = None
+        state["_affine_target"] = None
         return state
 
     def regularization_term(self) -> torch.Tensor:

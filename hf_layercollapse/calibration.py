@@ -182,8 +182,14 @@ class BlockStats:
 
 
 def _mask_for(batch: dict, inputs: torch.Tensor, key: str = "attention_mask") -> torch.Tensor | None:
+    """The batch's padding mask when it matches the tokens of ``inputs``: ``[batch, seq, features]``, or the
+    ``[batch·seq, features]`` that some models (OPT) flatten their MLP inputs to."""
     mask = batch.get(key)
-    if isinstance(mask, torch.Tensor) and inputs.dim() == 3 and mask.shape == inputs.shape[:2]:
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if inputs.dim() == 3 and mask.shape == inputs.shape[:2]:
+        return mask
+    if inputs.dim() == 2 and mask.dim() == 2 and mask.numel() == inputs.shape[0]:
         return mask
     return None
 
@@ -207,18 +213,18 @@ def _up_half(block: MLPBlock, output: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def _statistics_bytes(model: nn.Module, block: MLPBlock, least_squares: bool, gate_fit: bool) -> int:
+def _statistics_bytes(model: nn.Module, block: MLPBlock, least_squares: bool | str, gate_fit: bool) -> int:
     d_in = projection_shape(model.get_submodule(block.path("fc1")))[0]
     channels, d_out = projection_shape(model.get_submodule(block.path("fc2")))
-    values = 2 * (d_in + 1) * (d_in + 1 + d_out) if least_squares else 0
+    values = (2 if least_squares is True else 1 if least_squares else 0) * (d_in + 1) * (d_in + 1 + d_out)
     values += 5 * channels  # gate mean or line sums
     if block.kind is BlockKind.GATED and gate_fit:
         values += 2 * channels * channels
     return 8 * values
 
 
-def statistics_passes(model: nn.Module, blocks: list[MLPBlock], least_squares: bool = True, gate_fit: bool = True,
-                      memory: int = STATISTICS_MEMORY) -> list[list[MLPBlock]]:
+def statistics_passes(model: nn.Module, blocks: list[MLPBlock], least_squares: bool | str = True,
+                      gate_fit: bool = True, memory: int = STATISTICS_MEMORY) -> list[list[MLPBlock]]:
     """``blocks`` in groups whose fp64 sums fit in ``memory`` bytes: one calibration pass per group (a gated
     block's gate statistics grow with the square of its intermediate size: about 2 GB for a Llama-7B block, plus
     two more channels² temporaries while :meth:`GateStats.fit` solves)."""
@@ -235,12 +241,13 @@ def statistics_passes(model: nn.Module, blocks: list[MLPBlock], least_squares: b
 
 
 def collect_statistics(model: nn.Module, blocks: list[MLPBlock], batches: Iterable[dict],
-                       progress: Iterator | None = None, least_squares: bool = True, gate_fit: bool = True,
+                       progress: Iterator | None = None, least_squares: bool | str = True, gate_fit: bool = True,
                        lines: bool = False, memory: int = STATISTICS_MEMORY) -> dict[str, BlockStats]:
     """Accumulate, over ``batches`` (padding excluded), each block's least-squares statistics, plain and relative
-    (unless ``least_squares=False``), each gated block's :class:`GateStats` (with the sums for its fit unless
-    ``gate_fit=False``) and, with ``lines=True``, each plain block's :class:`LineStats`; as many passes over the
-    batches as :func:`statistics_passes` says (one, unless the sums of all blocks would exceed ``memory`` bytes)."""
+    (unless ``least_squares=False``; only the relative ones with ``"relative"``), each gated block's
+    :class:`GateStats` (with the sums for its fit unless ``gate_fit=False``) and, with ``lines=True``, each plain
+    block's :class:`LineStats`; as many passes over the batches as :func:`statistics_passes` says (one, unless the
+    sums of all blocks would exceed ``memory`` bytes)."""
     batches = list(batches)
     stats: dict[str, BlockStats] = {}
     for group in statistics_passes(model, blocks, least_squares, gate_fit, memory):
@@ -250,7 +257,7 @@ def collect_statistics(model: nn.Module, blocks: list[MLPBlock], batches: Iterab
 
 @torch.no_grad()
 def _collect(model: nn.Module, blocks: list[MLPBlock], batches: list[dict], progress: Iterator | None,
-             least_squares: bool, gate_fit: bool, lines: bool) -> dict[str, BlockStats]:
+             least_squares: bool | str, gate_fit: bool, lines: bool) -> dict[str, BlockStats]:
     stats: dict[str, BlockStats] = {}
     handles, current = [], {}
     mask_keys = _mask_keys(model, blocks)
@@ -261,13 +268,15 @@ def _collect(model: nn.Module, blocks: list[MLPBlock], batches: list[dict], prog
         key = mask_keys[block.name]
         stash: dict[str, torch.Tensor] = {}
         if least_squares:
-            entry.least_squares = LeastSquaresStats(d_in, d_out, fc1.weight.device)
+            if least_squares is True:
+                entry.least_squares = LeastSquaresStats(d_in, d_out, fc1.weight.device)
             entry.relative_least_squares = LeastSquaresStats(d_in, d_out, fc1.weight.device, relative=True)
             handles.append(fc1.register_forward_pre_hook(lambda m, args, s=stash: s.__setitem__("x", args[0])))
 
             def record(module, args, output, s=stash, e=entry, k=key):
                 mask = _mask_for(current, s["x"], k)
-                e.least_squares.update(s["x"], output, mask)
+                if e.least_squares is not None:
+                    e.least_squares.update(s["x"], output, mask)
                 e.relative_least_squares.update(s["x"], output, mask)
 
             handles.append(fc2.register_forward_hook(record))
@@ -383,7 +392,7 @@ def affine_targets(model: nn.Module, blocks: list[MLPBlock], calibration_data,
     if not blocks:
         return {}
     batches = calibration_batches(calibration_data, model)
-    stats = collect_statistics(model, blocks, batches, least_squares=True, gate_fit=False)
+    stats = collect_statistics(model, blocks, batches, least_squares="relative", gate_fit=False)
     missing = [b.name for b in blocks if not stats[b.name].relative_least_squares.count]
     if missing:
         raise ValueError(f"The calibration data never reached the blocks {missing}.")

@@ -144,7 +144,9 @@ def _inspect_rows(model, threshold: float) -> list[dict[str, Any]]:
                "alpha": alpha, "shape": [d_in, hidden, d_out], "params_before": None, "params_after": None,
                "ready": alpha is not None and abs(1 - alpha) <= threshold}
         if block.kind is BlockKind.PLAIN:
-            has_bias = fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D)
+            act = injected.get(block.name)  # a fitted line or an affine target gives the merged block a bias
+            has_bias = (fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D)
+                        or (act is not None and (act.line is not None or act.affine is not None)))
             before, after, _, _ = block_costs(fc1, fc2, has_bias)
             if after < before:
                 row["params_before"], row["params_after"] = before, after
@@ -161,6 +163,7 @@ def _inspect_rows(model, threshold: float) -> list[dict[str, Any]]:
 def run_inspect(args: argparse.Namespace) -> int:
     from transformers import AutoModel
 
+    from .collapse import model_params
     from .plan import get_plan
 
     target = Path(args.target)
@@ -175,7 +178,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     plan = get_plan(model) or {}
     threshold = args.threshold if args.threshold is not None else (plan.get("config") or {}).get("threshold", 0.05)
     rows = _inspect_rows(model, threshold)
-    total = sum(p.numel() for p in model.parameters())
+    total = model_params(model)  # the architecture's own parameters: α and the injected targets are not counted
 
     def saving(selected: list[dict[str, Any]]) -> dict[str, Any]:
         saved = sum(r["params_before"] - r["params_after"] for r in selected)

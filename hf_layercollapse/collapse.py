@@ -178,8 +178,8 @@ def block_gate(owner: nn.Module, layout: Layout) -> nn.Module | None:
 
 
 def model_params(model: nn.Module) -> int:
-    """Parameters of the model's own architecture: the α and gate constants added by injection are not counted,
-    so a report's savings compare with the original model."""
+    """Parameters of the model's own architecture: the α, gate constants and affine targets added by injection are
+    not counted, so a report's savings compare with the original model."""
     added = {id(p) for m in model.modules() if isinstance(m, CollapsibleActivation)
              for p in m.parameters(recurse=False)}
     return sum(p.numel() for p in model.parameters() if id(p) not in added)

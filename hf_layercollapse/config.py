@@ -137,8 +137,8 @@ class LayerCollapseConfig(PeftConfig):
         if self.linear_target not in LINEAR_TARGETS:
             raise ValueError(f"linear_target={self.linear_target!r} is not supported: use one of {LINEAR_TARGETS}.")
         if self.linear_target != "default" and self.activation != "blend":
-            raise ValueError(f"linear_target={self.linear_target!r} blends the block towards a fitted target: it "
-                             f"needs activation='blend', not {self.activation!r}.")
+            raise ValueError(f"linear_target={self.linear_target!r} blends towards a fitted target: it needs "
+                             f"activation='blend', not {self.activation!r}.")
         if self.init_alpha is None:
             self.init_alpha = DEFAULT_INIT_ALPHA[self.activation]
         if not 0.0 <= float(self.init_alpha) <= 1.0:
@@ -175,6 +175,10 @@ class LayerCollapseConfig(PeftConfig):
         ):
             raise ValueError(f"modules_to_save={self.modules_to_save!r} must be None or a list of module names.")
         if self.lora_config is not None:
+            if self.linear_target == "affine":
+                raise ValueError("linear_target='affine' cannot be combined with lora_config: the affine targets are "
+                                 "offered with get_collapse_model only (not through PEFT). Use linear_target='fitted' "
+                                 "for LoRA + LayerCollapse, or get_collapse_model without LoRA.")
             self._normalise_lora_config()
 
     def _normalise_lora_config(self) -> None:

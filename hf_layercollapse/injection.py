@@ -147,7 +147,8 @@ def get_collapse_model(
         wrapped.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         set_module(model, act_name, wrapped)
         if affine:
-            wrapped.attach(model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2")))
+            gate = model.get_submodule(block.path("gate")) if block.layout.gate is not None else None
+            wrapped.attach(model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2")), gate)
         target = {"line": True} if block.name in lines else {}  # apply_plan rebuilds the line's buffers
         target.update({"fitted_gate": True} if wrapped.fitted_gate else {})
         target.update({"affine": True} if affine else {})  # and the affine target's parameters

@@ -136,7 +136,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
             wrapped.fitted_gate = bool(entry.get("fitted_gate"))
             set_module(owner, layout.act, wrapped)
             if affine is not None:
-                wrapped.attach(fc1, fc2)
+                wrapped.attach(fc1, fc2, owner.get_submodule(layout.gate) if layout.gate is not None else None)
             continue
         _install_empty_merged(model, name, owner, layout, fc1, fc2, entry)
 

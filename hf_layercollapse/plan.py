@@ -51,6 +51,15 @@ def to_base_name(model: nn.Module, name: str) -> str:
     return name[len(prefix) + 1:]
 
 
+def plan_format(plan: dict[str, Any]) -> int:
+    """The oldest format that holds ``plan``: 3 with an injected affine target, 2 with an injected fitted line, else 1
+    (a collapsed block needs neither, so collapsing every such block lets older readers load the checkpoint)."""
+    entries = plan["blocks"].values()
+    if any(e.get("affine") for e in entries):
+        return 3
+    return 2 if any(e.get("line") for e in entries) else 1
+
+
 def get_plan(model: nn.Module) -> dict[str, Any] | None:
     """The plan recorded in ``model.config``, or ``None`` when nothing was injected or collapsed."""
     return getattr(getattr(model, "config", None), PLAN_KEY, None)
@@ -78,9 +87,6 @@ def record_block(model: nn.Module, name: str, layout: Layout, state: str, config
     if config is not None:
         plan["config"] = config.to_dict()
     plan["blocks"][to_base_name(model, name)] = {"state": state, "layout": layout.to_dict(), **info}
-    if info.get("line"):
-        plan["format"] = max(plan.get("format", 1), 2)
-    if info.get("affine"):
-        plan["format"] = max(plan.get("format", 1), 3)
+    plan["format"] = plan_format(plan)
     setattr(model.config, PLAN_KEY, plan)
     mark_model(model)

@@ -180,8 +180,8 @@ class ProgressiveSchedule(TrainerCallback):
         self._hold(state.global_step)
 
     def drop_held_gradients(self, step: int) -> None:
-        """Clear the gradients of held α (and of ``c`` of blocks whose stage has not begun) for optimizer step
-        ``step + 1``."""
+        """Clear the gradients of held α (and of the linear targets, ``c`` or an affine map, of blocks whose stage has
+        not begun) for optimizer step ``step + 1``."""
         finished, active = self.finished(step), self.active(step)
         for i, act in enumerate(self._all()):
             if act is active:
@@ -471,7 +471,7 @@ class LayerCollapseTrainer(LayerCollapseTrainerMixin, Trainer):
             ``collapse_at_end``, threshold). Every other argument is ``Trainer``'s.
         calibration_data: Batches (or a dataset) of model inputs, as for
             :func:`~hf_layercollapse.get_collapse_model`. When given, each block's linear target (the fitted line
-            of ``linear_target="fitted"``, a gated block's ``c``) is fitted again on the model as fine-tuning left
+            of ``linear_target="fitted"``, a gated block's ``c``, the map of ``"affine"``) is fitted again on the model as fine-tuning left
             it, at the step its α starts to move (its progressive stage; the first step otherwise): see
             :func:`~hf_layercollapse.refit_linear_targets`. Not with FSDP, DeepSpeed or PEFT adapters.
 

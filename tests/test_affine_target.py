@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_layercollapse as hlc
 from hf_layercollapse.architectures import projection_shape
+from hf_layercollapse.modeling import LayerCollapseConfigError
 
 AFFINE = hlc.LayerCollapseConfig(linear_target="affine")
 GATED = {"llama", "phi3", "t5-gated"}
@@ -204,7 +205,9 @@ def _rows(batches) -> list[dict[str, torch.Tensor]]:
 def test_the_trainer_trains_the_map_without_decay_and_holds_it_before_its_stage(tmp_path):
     model = tiny_model("bert")
     batches = calibration(model)
-    hlc.get_collapse_model(model, AFFINE, calibration_data=batches)
+    # α starts at 0.3, not 0: the maps are in the output from the first step, so only the hold keeps the first one
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(linear_target="affine", init_alpha=0.3),
+                           calibration_data=batches)
     acts = hlc.injected_activations(model)
     first, last = acts
     start = {n: (a.affine_weight.detach().clone(), a.affine_bias.detach().clone()) for n, a in acts.items()}
@@ -218,7 +221,7 @@ def test_the_trainer_trains_the_map_without_decay_and_holds_it_before_its_stage(
     decayed = set(trainer.get_decay_parameter_names(trainer.model))
     assert not [n for n in decayed if "affine" in n]
     trainer.train()
-    assert acts[last].alpha_value > 0.0 and acts[first].alpha_value == 0.0
+    assert acts[last].alpha_value > 0.3 and acts[first].alpha_value == pytest.approx(0.3)
     assert not torch.equal(acts[last].affine_weight, start[last][0])  # the map trains with α
     assert torch.equal(acts[first].affine_weight, start[first][0])  # held, like α, until its stage
     assert torch.equal(acts[first].affine_bias, start[first][1])
@@ -261,7 +264,7 @@ def test_bad_uses_of_the_affine_target(tmp_path):
     key = next(k for k in weights if k.endswith("affine_weight"))
     weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1)
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(Exception, match="affine_weight"):
+    with pytest.raises(LayerCollapseConfigError, match=r"intermediate_act_fn\.affine_weight.*nothing was loaded"):
         AutoModel.from_pretrained(tmp_path)
 
 
@@ -334,3 +337,45 @@ def test_real_smollm2_affine_targets_beat_the_fitted_gate_and_collapse_exactly(t
     with torch.no_grad():
         collapsed = reloaded(**heldout).logits
     assert (collapsed - linear).abs().max() <= 1e-5 * linear.abs().max()
+
+
+def test_padding_is_left_out_of_the_fit_also_where_the_mlp_sees_flattened_tokens():
+    """OPT flattens its tokens to [batch·seq, d] before the MLP: the padded tokens must still be left out of the fit
+    (the map does not change when only the padded token ids do)."""
+    model = tiny_model("opt")
+    batches = calibration(model)
+    other = copy.deepcopy(batches)
+    other[0]["input_ids"][0, -2:] = (other[0]["input_ids"][0, -2:] + 7) % 90 + 3  # the padded positions only
+    maps = []
+    for data in (batches, other):
+        injected = hlc.get_collapse_model(copy.deepcopy(model), AFFINE, calibration_data=data)
+        maps.append([a.affine_weight.detach().clone() for a in hlc.injected_activations(injected).values()])
+    for first, second in zip(*maps):
+        torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fully_collapsed_checkpoint_is_written_in_the_oldest_format(tmp_path):
+    model = tiny_model("bert")
+    hlc.get_collapse_model(model, AFFINE, calibration_data=calibration(model))
+    set_alphas(model, 1.0)
+    hlc.collapse_model(model)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["layercollapse"]["format"] == 1
+
+
+def test_inspect_counts_the_merged_bias_and_leaves_the_maps_out(tmp_path, capsys):
+    from hf_layercollapse.cli import main
+    from hf_layercollapse.collapse import model_params
+
+    model = tiny_model("t5")  # no biases: the merged map gets one (b of the fit)
+    hlc.get_collapse_model(model, AFFINE, calibration_data=calibration(model))
+    model.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["parameters"] == model_params(model) < num_params(model)
+    assert {b["params_after"] for b in result["blocks"]} == {32 * 32 + 32}
+
+
+def test_affine_target_with_lora_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"cannot be combined with lora_config.*linear_target=.fitted."):
+        hlc.LayerCollapseConfig(linear_target="affine", lora_config={"target_modules": ["query"]})
