@@ -368,7 +368,7 @@ def merge(args) -> None:
                 "linear_target": "default", "refit_targets": False}  # options existed ran them all, in this
     # order, with this target and no refit
     settings = [{**defaults, **{k: v for k, v in item["environment"]["args"].items()
-                                if k not in ("seeds", "name", "merge")}} for item in loaded]
+                                if k not in ("seeds", "name", "merge", "combine")}} for item in loaded]
     if any(s != settings[0] for s in settings):
         raise SystemExit(f"--merge: the runs used different settings: {settings}")
     rows = [row for item in loaded for row in item["rows"]]
