@@ -470,10 +470,11 @@ class LayerCollapseTrainer(LayerCollapseTrainerMixin, Trainer):
         collapse_args: :class:`CollapseArguments` (λ and its schedule, α learning rate and clamping,
             ``collapse_at_end``, threshold). Every other argument is ``Trainer``'s.
         calibration_data: Batches (or a dataset) of model inputs, as for
-            :func:`~hf_layercollapse.get_collapse_model`. When given, each block's linear target (the fitted line
-            of ``linear_target="fitted"``, a gated block's ``c``, the map of ``"affine"``) is fitted again on the model as fine-tuning left
-            it, at the step its α starts to move (its progressive stage; the first step otherwise): see
-            :func:`~hf_layercollapse.refit_linear_targets`. Not with FSDP, DeepSpeed or PEFT adapters.
+            :func:`~hf_layercollapse.get_collapse_model`. When given, each block's linear target (the fitted line of
+            ``linear_target="fitted"``, a gated block's ``c``, the map of ``"affine"``) is fitted again on the model
+            as fine-tuning left it, at the step its α starts to move (its progressive stage; the first step
+            otherwise): see :func:`~hf_layercollapse.refit_linear_targets`. Not with FSDP, DeepSpeed or PEFT
+            adapters.
 
     Example:
         >>> import torch
