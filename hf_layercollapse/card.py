@@ -26,7 +26,7 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from .architectures import PROJECTIONS, Layout, join, projection_shape
-from .collapse import block_costs, model_params
+from .collapse import block_costs, block_gate, model_params
 from .injection import injected_activations
 from .modeling import INSTALL_HINT, _CollapsedModelMixin
 from .plan import base_prefix, get_plan
@@ -138,12 +138,12 @@ def build_collapse_report(model: PreTrainedModel) -> CollapseReport:
         if entry["state"] == "collapsed":
             owner = original.base_model.get_submodule(name) if name else original.base_model
             costs = block_costs(owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2),
-                                bool(entry.get("bias", True)))
+                                bool(entry.get("bias", True)), block_gate(owner, layout))
             report.blocks.append(BlockReport(full, layout.kind.value, entry.get("alpha"), "collapsed", "", *costs))
             continue
         owner = model.get_submodule(full) if full else model
         fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
-        params, _, flops, _ = block_costs(fc1, fc2, True)
+        params, _, flops, _ = block_costs(fc1, fc2, True, block_gate(owner, layout))
         alpha = live[full].alpha_value if full in live else None
         reason = "not collapsed"
         if alpha is not None and threshold is not None and abs(1 - alpha) > threshold:

@@ -288,3 +288,19 @@ def test_real_smollm2_two_blocks(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, collapsed, atol=1e-5, rtol=0)
     generated = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
     torch.testing.assert_close(generated, model.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_the_report_rebuilt_from_the_plan_counts_the_gate_projection():
+    """build_collapse_report (model cards, the CLI) must give a collapsed gated block the same numbers as
+    collapse_model: the gate projection is part of what was removed."""
+    model = gated_model("llama")
+    hlc.get_collapse_model(model)
+    first, last = hlc.injected_activations(model).values()
+    last.alpha.data.fill_(1.0)
+    report = hlc.collapse_model(model)
+    rebuilt = hlc.build_collapse_report(model)
+    rows = [(b.name, b.status, b.params_before, b.params_after, b.flops_before, b.flops_after)
+            for b in report.blocks]
+    assert [(b.name, b.status, b.params_before, b.params_after, b.flops_before, b.flops_after)
+            for b in rebuilt.blocks] == rows
+    assert rebuilt.params_saved == report.params_saved
