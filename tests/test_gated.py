@@ -295,7 +295,7 @@ def test_the_report_rebuilt_from_the_plan_counts_the_gate_projection():
     collapse_model: the gate projection is part of what was removed."""
     model = gated_model("llama")
     hlc.get_collapse_model(model)
-    first, last = hlc.injected_activations(model).values()
+    _, last = hlc.injected_activations(model).values()  # the first block stays injected
     last.alpha.data.fill_(1.0)
     report = hlc.collapse_model(model)
     rebuilt = hlc.build_collapse_report(model)
