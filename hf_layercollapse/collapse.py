@@ -159,12 +159,15 @@ def merge_block(owner: nn.Module, layout: Layout, gate_constant: torch.Tensor | 
     """The merged projection of a block whose activation is the identity or ``line`` (plain) or whose gate is
     ``gate_constant``; with ``affine=(weight, bias)``, of a block that is that map (``linear_target="affine"``)."""
     fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
-    if affine is not None:
-        weight, bias = (t.detach().to(fc2.weight.device, torch.promote_types(t.dtype, torch.float32)) for t in affine)
+    if affine is not None:  # (weight, bias); a plan's map may come without a bias
+        weight, bias = (None if t is None else t.detach().to(fc2.weight.device, torch.promote_types(t.dtype,
+                                                                                                   torch.float32))
+                        for t in affine)
         d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
-        if tuple(weight.shape) != (d_out, d_in) or tuple(bias.shape) != (d_out,):
-            raise ValueError(f"The affine target is {tuple(weight.shape)} (bias {tuple(bias.shape)}) but the block "
-                             f"maps {d_in} -> {d_out} features.")
+        if tuple(weight.shape) != (d_out, d_in) or (bias is not None and tuple(bias.shape) != (d_out,)):
+            raise ValueError(f"The affine map is {tuple(weight.shape)} (bias "
+                             f"{None if bias is None else tuple(bias.shape)}) but the block maps {d_in} -> {d_out} "
+                             "features.")
         return projection_from(fc2, weight, bias)
     if layout.kind is BlockKind.GATED:
         if gate_constant is None:

@@ -335,11 +335,10 @@ def _replacement(model, planned: PlannedBlock) -> nn.Module:
         return merge_projections(fc1, fc2)
     if planned.weight is None:
         raise ValueError(f"The plan has no fitted map for block {planned.name!r} ({planned.method}).")
-    d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
-    if tuple(planned.weight.shape) != (d_out, d_in):
-        raise ValueError(f"The plan's map for {planned.name!r} is {tuple(planned.weight.shape)} but the block maps "
-                         f"{d_in} -> {d_out}: the plan belongs to another model.")
-    return projection_from(fc2, planned.weight, planned.bias)
+    try:
+        return merge_block(owner, planned.layout, affine=(planned.weight, planned.bias))
+    except ValueError as err:
+        raise ValueError(f"The plan's map for {planned.name!r}: {err} The plan belongs to another model.") from None
 
 
 def _select(model, blocks, ranked, objective, baseline, params_total, num_blocks, params_fraction,
