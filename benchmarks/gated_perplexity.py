@@ -15,10 +15,14 @@ start of Hamlet; training text: the other 40 Shakespeare texts (shuffled 256-tok
   a progressive schedule (cheapest block first, ``--stage_steps`` optimizer steps per block; at the end of its
   stage a block's α is 1). At the end of stages 1, 2, 4 and 8 a deep copy is collapsed (``collapse_model``)
   and evaluated.
-* ``plain fine-tuning``: the same trainable parameters (the MLP weights of those 8 blocks; everything else frozen),
-  data, steps, learning rate and seed, without collapsing, evaluated at the same steps. Fine-tuning on Shakespeare
+* ``plain fine-tuning``: the same trainable parameters (``--trainable``: by default the MLP weights of those 8
+  blocks, everything else frozen; ``mlps``: every block's MLP; ``all``: the whole model), data, steps, learning rate
+  and seed, without collapsing, evaluated at the same steps. Fine-tuning on Shakespeare
   lowers held-out perplexity by itself; the cost of collapsing is LayerCollapse against plain fine-tuning at the
   same step.
+* ``plain fine-tuning, then merged``: at the same steps, a copy of the plain fine-tuned model with the k blocks
+  replaced by their least-squares affine maps fitted on the calibration text, no training after (compressing after
+  fine-tuning instead of during it).
 
 ``--linear_target affine``: each block blends towards its least-squares affine map instead of a constant gate (the
 planner's merge, learnable). ``--refit_targets``: each block's ``c`` (or map) is fitted again on the calibration text
@@ -51,6 +55,7 @@ from hf_layercollapse import assets
 from hf_layercollapse.collapse import model_params
 
 HELDOUT_PLAY, CALIBRATION_PLAY = "macbeth", "hamlet"
+MERGED_AFTER = "plain fine-tuning, then merged"
 AIMS = {4: 3.0, 8: 10.0}  # k -> largest acceptable perplexity increase (%) from collapsing, with training
 
 
@@ -150,13 +155,16 @@ class EvaluateAt(TrainerCallback):
             self.rows.append({"step": state.global_step, **self.measure(model, self.at[state.global_step])})
 
 
-def train_only_mlps(model, block_names: list[str]) -> None:
-    """Freeze everything but the MLPs of ``block_names`` (their projections, and α and c once injected)."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name in block_names:
-        for param in model.get_submodule(name).parameters():
-            param.requires_grad_(True)
+def set_trainable(model, block_names: list[str], trainable: str) -> None:
+    """What fine-tuning updates (``--trainable``): ``blocks``, the MLPs of ``block_names`` (their projections, and α
+    and the target once injected); ``mlps``, every MLP of the model; ``all``, every parameter."""
+    if trainable == "all":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    names = block_names if trainable == "blocks" else [b.name for b in hlc.find_mlp_blocks(model)]
+    for name in names:
+        model.get_submodule(name).requires_grad_(True)
 
 
 def training_arguments(args, steps: int) -> TrainingArguments:
@@ -174,7 +182,7 @@ def layercollapse(base, order: list[str], calibration, train, heldout, args) -> 
     config = hlc.LayerCollapseConfig(layers_to_transform=sorted(blocks[name] for name in order),
                                      reg_weight=args.reg_weight, linear_target=args.linear_target)
     hlc.get_collapse_model(model, config, calibration_data=batches(calibration, args.eval_batch))
-    train_only_mlps(model, order)
+    set_trainable(model, order, args.trainable)
     assert list(hlc.injected_activations(model)) == sorted(order, key=blocks.get)
 
     def measure(model, k: int) -> dict:
@@ -198,15 +206,33 @@ def layercollapse(base, order: list[str], calibration, train, heldout, args) -> 
     return evaluate.rows, trainer.state.log_history
 
 
-def plain_finetuning(base, order: list[str], train, heldout, args) -> tuple[list[dict], list[dict]]:
-    """The same trainable MLP weights, data, steps and learning rate, no collapse."""
+def merged_after_training(model, blocks: list[str], calibration, heldout, args) -> dict:
+    """A copy of ``model`` with ``blocks`` replaced by their least-squares affine maps fitted on the calibration text
+    (``linear_target="affine"`` at α = 1, collapsed), no training after: compressing after plain fine-tuning."""
+    clone = copy.deepcopy(model)
+    indices = {b.name: b.index for b in hlc.find_mlp_blocks(clone)}
+    config = hlc.LayerCollapseConfig(layers_to_transform=sorted(indices[name] for name in blocks),
+                                     linear_target="affine")
+    hlc.get_collapse_model(clone, config, calibration_data=batches(calibration, args.eval_batch))
+    for act in hlc.injected_activations(clone).values():
+        act.alpha.data.fill_(1.0)
+    hlc.collapse_model(clone)
+    return {"perplexity": perplexity(clone, heldout, args.eval_batch), "params": model_params(clone)}
+
+
+def plain_finetuning(base, order: list[str], calibration, train, heldout, args) -> tuple[list[dict], list[dict]]:
+    """The same trainable parameters, data, steps and learning rate, no collapse; at step S·k also the fine-tuned
+    model with the k blocks merged afterwards (:func:`merged_after_training`)."""
     model = copy.deepcopy(base)
-    train_only_mlps(model, order)
+    set_trainable(model, order, args.trainable)
 
     def measure(model, k: int) -> dict:
         row = {"method": "plain fine-tuning", "k": 0, "perplexity": perplexity(model, heldout, args.eval_batch),
                "params": model_params(model)}
-        print(f"plain fine-tuning step {k * args.stage_steps}: {row['perplexity']:.3f}", flush=True)
+        merged = merged_after_training(model, order[:k], calibration, heldout, args)
+        row["merged_after"] = {"method": MERGED_AFTER, "k": k, **merged}
+        print(f"plain fine-tuning step {k * args.stage_steps}: {row['perplexity']:.3f}; the {k} blocks merged "
+              f"afterwards: {merged['perplexity']:.3f}", flush=True)
         return row
 
     evaluate = EvaluateAt(args.stage_steps, args.ks, measure)
@@ -214,7 +240,8 @@ def plain_finetuning(base, order: list[str], train, heldout, args) -> tuple[list
                       train_dataset=train, callbacks=[evaluate])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
-    return evaluate.rows, trainer.state.log_history
+    merged = [{"step": row["step"], **row.pop("merged_after")} for row in evaluate.rows]
+    return evaluate.rows + merged, trainer.state.log_history
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -230,10 +257,12 @@ def summarise(original: float, base_params: int, rows: list[dict], args) -> list
         step = k * args.stage_steps
         line = {"k": k, "params removed": "0.0%", "steps": step,
                 "planner (no training)": f"{original:.2f} (+0.0%)" if k == 0 else "",
-                "LayerCollapse fine-tuning": "", "plain fine-tuning": "", "collapse cost after training": ""}
+                "LayerCollapse fine-tuning": "", "plain fine-tuning": "", MERGED_AFTER: "",
+                "collapse cost after training": "", "cost of merging after plain fine-tuning": ""}
         if k == 0:
             line.update({"LayerCollapse fine-tuning": f"{original:.2f} (+0.0%)",
-                         "plain fine-tuning": f"{original:.2f} (+0.0%)", "collapse cost after training": "+0.0%"})
+                         "plain fine-tuning": f"{original:.2f} (+0.0%)", "collapse cost after training": "+0.0%",
+                         MERGED_AFTER: f"{original:.2f} (+0.0%)", "cost of merging after plain fine-tuning": "+0.0%"})
         if ("planner", k) in by:
             p = by[("planner", k)]
             line["planner (no training)"] = f"{p['perplexity']:.2f} ({change(p['perplexity'], original)})"
@@ -241,6 +270,11 @@ def summarise(original: float, base_params: int, rows: list[dict], args) -> list
         plain = by.get(("plain fine-tuning", step))
         if plain is not None:
             line["plain fine-tuning"] = f"{plain['perplexity']:.2f} ({change(plain['perplexity'], original)})"
+        merged = by.get((MERGED_AFTER, step))
+        if merged is not None and k > 0:
+            line[MERGED_AFTER] = f"{merged['perplexity']:.2f} ({change(merged['perplexity'], original)})"
+            if plain is not None:
+                line["cost of merging after plain fine-tuning"] = change(merged["perplexity"], plain["perplexity"])
         ours = by.get(("layercollapse", step))
         if ours is not None:
             line["params removed"] = f"{100 * (1 - ours['params'] / base_params):.1f}%"
@@ -274,9 +308,12 @@ def plot(original: float, rows: list[dict], args, path) -> None:
         "planner (no training)": [r for r in rows if r["method"] == "planner"],
         "LayerCollapse fine-tuning (collapsed)": [r for r in rows if r["method"] == "layercollapse"],
         "plain fine-tuning (no collapse), same step": [r for r in rows if r["method"] == "plain fine-tuning"],
+        "plain fine-tuning, then the k blocks merged": [r for r in rows if r["method"] == MERGED_AFTER],
     }
     for label, items in series.items():
-        if label.startswith("plain"):
+        if not items:
+            continue
+        if label.startswith("plain fine-tuning (no"):
             points = [(r["step"] // args.stage_steps, r["perplexity"]) for r in items]
         else:
             points = [(r["k"], r["perplexity"]) for r in items]
@@ -315,6 +352,9 @@ def main() -> None:
     parser.add_argument("--planner_from", metavar="NAME",
                         help="reuse the planner ranking and rows of results/NAME.json (same data settings)")
     parser.add_argument("--name", default="gated_perplexity", help="results/NAME.{json,md,png}")
+    parser.add_argument("--trainable", choices=["blocks", "mlps", "all"], default="blocks",
+                        help="what both fine-tunings update: the MLPs of the collapsed blocks, every MLP, or every "
+                             "parameter")
     parser.add_argument("--eval_batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -344,12 +384,13 @@ def main() -> None:
     timings = {"planner_min": (time.time() - started) / 60}
     ours, ours_log = layercollapse(base, order, calibration, train, heldout, args)
     timings["layercollapse_min"] = (time.time() - started) / 60 - sum(timings.values())
-    plain, plain_log = plain_finetuning(base, order, train, heldout, args)
+    plain, plain_log = plain_finetuning(base, order, calibration, train, heldout, args)
     timings["plain_min"] = (time.time() - started) / 60 - sum(timings.values())
     rows += ours + plain
     summary = summarise(original, base_params, rows, args)
     columns = ["k", "params removed", "steps", "planner (no training)", "LayerCollapse fine-tuning",
-               "plain fine-tuning", "collapse cost after training"]
+               "plain fine-tuning", MERGED_AFTER, "collapse cost after training",
+               "cost of merging after plain fine-tuning"]
     table = markdown_table(summary, columns)
     verdicts = verdict(rows, args)
     print(table)
@@ -378,6 +419,9 @@ def main() -> None:
              "(`--refit_targets`)." if args.refit_targets else "")
     target = {"default": "c starts at the mean of act(gate(x))", "fitted": "c starts at its least-squares fit",
               "affine": "each block blends towards its affine map (relative least squares, learnable)"}
+    trained = {"blocks": f"the MLP weights of the {args.num_blocks} blocks", "mlps": "the MLP weights of every block",
+               "all": "every parameter"}
+    frozen = "" if args.trainable == "all" else ", everything else frozen"
     (RESULTS / f"{args.name}.md").write_text(
         f"# Gated MLPs: held-out perplexity against collapsed blocks (SmolLM2-135M-Instruct, Shakespeare)\n\n"
         f"Command: `{env['command']}` ({minutes:.0f} min on {env['machine']}, {args.threads} torch thread of "
@@ -387,8 +431,8 @@ def main() -> None:
         f"optimizer steps per block × {args.num_blocks} blocks, batch {args.batch_size} × {args.seq_len} tokens "
         f"({tokens} tokens per step), AdamW lr {args.lr} (constant), α lr {args.alpha_lr}, λ {args.reg_weight}, "
         f"{target[args.linear_target]} on the calibration text (linear_target={args.linear_target!r}), "
-        f"seed {args.seed}; trainable: the MLP weights of the {args.num_blocks} blocks (plus α and the target for "
-        f"LayerCollapse), everything else frozen. Perplexity cells: value (change vs the original model); "
+        f"seed {args.seed}; trainable (`--trainable {args.trainable}`): {trained[args.trainable]} (plus α and the "
+        f"target for LayerCollapse){frozen}. Perplexity cells: value (change vs the original model); "
         f"collapse cost: LayerCollapse vs plain fine-tuning after the same steps.{refit}{reused}\n\n"
         f"Order (the planner's ranking, cheapest first): {', '.join(n.split('.')[-2] for n in order)}. "
         f"α reached in each block's stage before it was set to 1: {reached}.\n\n{table}\n\n"

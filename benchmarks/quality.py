@@ -406,7 +406,9 @@ def combine(args) -> None:
             row[f"k={k}"] = f"{100 * statistics.mean(accs):.1f}" if accs else ""
         table_rows.append(row)
     table = markdown_table(table_rows, ["method"] + [f"k={k}" for k in ks])
+    paired = markdown_table(paired_rows(rows, methods, ks), ["method"] + [f"k={k}" for k in ks])
     print(table)
+    print(paired)
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, base_params, RESULTS / f"{args.name}.png")
     sources = ", ".join(f"[{name}.md]({name}.md)" for name in args.combine)
@@ -415,7 +417,31 @@ def combine(args) -> None:
         f"# Quality vs compression: the methods together (all-MiniLM-L6-v2, binary tweets)\n\nCommand: `{command}`, "
         f"from {sources} (their commands, spreads and machines are recorded there); seeds {seeds[args.combine[0]]}. "
         f"Mean test accuracy (%) over the seeds at k collapsed MLP blocks; at checkpoint k every method has had the "
-        f"same training steps.\n\n{table}\n\n![accuracy vs parameters removed]({args.name}.png)\n")
+        f"same training steps.\n\n{table}\n\nPaired by seed (the same seed gives every method the same data order "
+        f"and test tweets): each LayerCollapse run minus the best baseline at that k (the best mean among the methods "
+        f"compressing after plain fine-tuning), in accuracy points, mean ± standard error over the seeds, and which "
+        f"baseline that is.\n\n{paired}\n\n![accuracy vs parameters removed]({args.name}.png)\n")
+
+
+def paired_rows(rows: list[dict], methods: list[str], ks: list[int]) -> list[dict]:
+    """Per LayerCollapse method and k: mean ± standard error over seeds of (its accuracy − the best baseline's)."""
+    accuracy = {(r["method"], r["k"], r["seed"]): r["accuracy"] for r in rows}
+    baselines = [m for m in methods if not m.startswith("layercollapse") and m != "plain fine-tuning"]
+    table = []
+    for method in (m for m in methods if m.startswith("layercollapse")):
+        line = {"method": method}
+        for k in ks:
+            seeds = sorted(s for m, kk, s in accuracy if m == method and kk == k)
+            candidates = [b for b in baselines if all((b, k, s) in accuracy for s in seeds)]
+            if len(seeds) < 2 or not candidates:
+                line[f"k={k}"] = ""
+                continue
+            best = max(candidates, key=lambda b: statistics.mean(accuracy[(b, k, s)] for s in seeds))
+            diffs = [100 * (accuracy[(method, k, s)] - accuracy[(best, k, s)]) for s in seeds]
+            error = statistics.stdev(diffs) / len(diffs) ** 0.5
+            line[f"k={k}"] = f"{statistics.mean(diffs):+.2f} ± {error:.2f} ({best})"
+        table.append(line)
+    return table
 
 
 if __name__ == "__main__":
