@@ -336,7 +336,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--stage_steps", type=int, default=8, help="optimizer steps per progressive stage")
-    parser.add_argument("--lr", type=float, default=3e-4, help="learning rate of the MLP weights (and c)")
+    parser.add_argument("--lr", type=float, default=3e-4,
+                        help="learning rate of the trainable weights (and of the targets c / maps)")
     parser.add_argument("--alpha_lr", type=float, default=0.2)
     parser.add_argument("--reg_weight", type=float, default=10.0)
     parser.add_argument("--heldout_tokens", type=int, default=4096)
@@ -385,7 +386,7 @@ def main() -> None:
     ours, ours_log = layercollapse(base, order, calibration, train, heldout, args)
     timings["layercollapse_min"] = (time.time() - started) / 60 - sum(timings.values())
     plain, plain_log = plain_finetuning(base, order, calibration, train, heldout, args)
-    timings["plain_min"] = (time.time() - started) / 60 - sum(timings.values())
+    timings["plain_min"] = (time.time() - started) / 60 - sum(timings.values())  # with the merged copies' fits
     rows += ours + plain
     summary = summarise(original, base_params, rows, args)
     columns = ["k", "params removed", "steps", "planner (no training)", "LayerCollapse fine-tuning",
@@ -433,7 +434,10 @@ def main() -> None:
         f"{target[args.linear_target]} on the calibration text (linear_target={args.linear_target!r}), "
         f"seed {args.seed}; trainable (`--trainable {args.trainable}`): {trained[args.trainable]} (plus α and the "
         f"target for LayerCollapse){frozen}. Perplexity cells: value (change vs the original model); "
-        f"collapse cost: LayerCollapse vs plain fine-tuning after the same steps.{refit}{reused}\n\n"
+        f"collapse cost: LayerCollapse vs plain fine-tuning after the same steps; plain fine-tuning, then merged: the "
+        f"plain fine-tuned model with the k blocks replaced by their least-squares affine maps fitted on the "
+        f"calibration text (always affine maps, whatever `--linear_target`), no training after, and its cost vs plain "
+        f"fine-tuning.{refit}{reused}\n\n"
         f"Order (the planner's ranking, cheapest first): {', '.join(n.split('.')[-2] for n in order)}. "
         f"α reached in each block's stage before it was set to 1: {reached}.\n\n{table}\n\n"
         + "\n".join(f"- {v}" for v in verdicts) + f"\n\n![perplexity against k]({args.name}.png)\n")

@@ -417,8 +417,9 @@ def combine(args) -> None:
         f"# Quality vs compression: the methods together (all-MiniLM-L6-v2, binary tweets)\n\nCommand: `{command}`, "
         f"from {sources} (their commands, spreads and machines are recorded there); seeds {seeds[args.combine[0]]}. "
         f"Mean test accuracy (%) over the seeds at k collapsed MLP blocks; at checkpoint k every method has had the "
-        f"same training steps.\n\n{table}\n\nPaired by seed (the same seed gives every method the same data order "
-        f"and test tweets): each LayerCollapse run minus the best baseline at that k (the best mean among the methods "
+        f"same training steps.\n\n{table}\n\nPaired by seed (the same seed gives every method the same head "
+        f"initialisation and data order; the test tweets are the same for every seed): each LayerCollapse run minus "
+        f"the best baseline at that k (the best mean among the methods "
         f"compressing after plain fine-tuning), in accuracy points, mean ± standard error over the seeds, and which "
         f"baseline that is.\n\n{paired}\n\n![accuracy vs parameters removed]({args.name}.png)\n")
 
