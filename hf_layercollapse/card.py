@@ -29,7 +29,7 @@ from .architectures import PROJECTIONS, Layout, join, projection_shape
 from .collapse import block_costs, block_gate, model_params
 from .injection import injected_activations
 from .modeling import INSTALL_HINT, _CollapsedModelMixin
-from .plan import base_prefix, get_plan
+from .plan import base_prefix, get_plan, hub_model_id
 from .report import BlockReport, CollapseReport
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ CITATION = """@misc{zibakhshshabgahi2023layercollapse,
   archivePrefix = {arXiv},
   url           = {https://arxiv.org/abs/2311.17943}
 }"""
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SECRET_KEY = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
 # Preferred Auto class per architecture name when several mappings know it (AutoModelForPreTraining last).
 _AUTO_ORDER = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
@@ -277,10 +276,11 @@ def _architecture(model: PreTrainedModel) -> str:
 def _guess_base_model(model: PreTrainedModel) -> str | None:
     """The Hub id of the original model: the plan's ``base_model_name_or_path`` or ``config._name_or_path``, when
     it is a Hub id (not a local path)."""
-    name = (get_plan(model) or {}).get("base_model_name_or_path") or getattr(model.config, "_name_or_path", "") or ""
-    if name and _REPO_ID.match(name) and not Path(name).exists():
-        return name
-    return None
+    plan = get_plan(model) or {}
+    # the plan holds the base model's Hub id, or None when it was loaded from a local directory (older plans hold
+    # any path: hub_model_id still checks)
+    name = plan["base_model_name_or_path"] if "base_model_name_or_path" in plan else model.config._name_or_path
+    return hub_model_id(name)
 
 
 def _base_model_license(base_model: str, token: str | bool | None) -> dict[str, Any]:

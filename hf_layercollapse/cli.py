@@ -3,6 +3,7 @@
 Examples::
 
     hf-layercollapse inspect bert-base-uncased
+    hf-layercollapse inspect runs/injected --json
     hf-layercollapse collapse runs/injected runs/collapsed --threshold 0.05
     hf-layercollapse card runs/collapsed
     HF_TOKEN=hf_... hf-layercollapse push runs/collapsed me/bert-collapsed --private
@@ -127,10 +128,8 @@ def configure_inspect(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect_rows(model, threshold: float) -> list[dict[str, Any]]:
-    from transformers.pytorch_utils import Conv1D
-
-    from .architectures import BlockKind, Layout, find_mlp_blocks, projection_shape
-    from .collapse import block_costs
+    from .architectures import Layout, find_mlp_blocks, projection_shape
+    from .collapse import merged_block_costs
     from .injection import injected_activations
     from .plan import get_plan
 
@@ -143,13 +142,10 @@ def _inspect_rows(model, threshold: float) -> list[dict[str, Any]]:
         row = {"name": block.name, "kind": block.kind.value, "state": "injected" if alpha is not None else "plain",
                "alpha": alpha, "shape": [d_in, hidden, d_out], "params_before": None, "params_after": None,
                "ready": alpha is not None and abs(1 - alpha) <= threshold}
-        if block.kind is BlockKind.PLAIN:
-            act = injected.get(block.name)  # a fitted line or an affine target gives the merged block a bias
-            has_bias = (fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D)
-                        or (act is not None and (act.line is not None or act.affine is not None)))
-            before, after, _, _ = block_costs(fc1, fc2, has_bias)
-            if after < before:
-                row["params_before"], row["params_after"] = before, after
+        owner = model.get_submodule(block.name) if block.name else model
+        before, after, _, _ = merged_block_costs(owner, block.layout, injected.get(block.name))
+        if after < before:
+            row["params_before"], row["params_after"] = before, after
         rows.append(row)
     for name, entry in ((get_plan(model) or {}).get("blocks") or {}).items():
         if entry["state"] == "collapsed":
@@ -164,17 +160,20 @@ def run_inspect(args: argparse.Namespace) -> int:
     from transformers import AutoModel
 
     from .collapse import model_params
-    from .plan import get_plan
+    from .plan import get_plan, hub_model_id
 
     target = Path(args.target)
     if target.exists():
         _checkpoint_dir(args.target)
-        source, kwargs = target, {}
-    elif "/" in args.target and not args.target.startswith((".", "/", "~")):
-        source, kwargs = args.target, {"token": args.token or os.environ.get("HF_TOKEN")}
+        model = AutoModel.from_pretrained(target)
+    elif hub_model_id(args.target) is None:  # Hub ids: "namespace/name", or a bare name ("gpt2")
+        raise CLIError(f"{args.target}: no such directory (and not a Hub repo id)")
     else:
-        raise CLIError(f"{args.target}: no such directory (and not a Hub repo id of the form namespace/name)")
-    model = AutoModel.from_pretrained(source, **kwargs)
+        try:
+            model = AutoModel.from_pretrained(args.target, token=args.token or os.environ.get("HF_TOKEN"))
+        except OSError as err:
+            raise CLIError(f"{args.target}: no such directory, and not loadable as a Hub repo id: "
+                           f"{_one_line(err)}") from err
     plan = get_plan(model) or {}
     threshold = args.threshold if args.threshold is not None else (plan.get("config") or {}).get("threshold", 0.05)
     rows = _inspect_rows(model, threshold)

@@ -86,6 +86,8 @@ def projection_from(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
         merged.weight.copy_(weight.t() if isinstance(merged, Conv1D) else weight)
         if bias is not None:
             merged.bias.copy_(bias)
+        elif merged.bias is not None:  # a Conv1D always has a bias: the map has none, so it is zero
+            merged.bias.zero_()
     return merged
 
 
@@ -178,6 +180,16 @@ def merge_block(owner: nn.Module, layout: Layout, gate_constant: torch.Tensor | 
 
 def block_gate(owner: nn.Module, layout: Layout) -> nn.Module | None:
     return owner.get_submodule(layout.gate) if layout.gate is not None else None
+
+
+def merged_block_costs(owner: nn.Module, layout: Layout,
+                       act: CollapsibleActivation | None = None) -> tuple[int, int, int, int]:
+    """:func:`block_costs` of merging the block as :func:`collapse_model` does: the merged projection has a bias when
+    a projection has one (a ``Conv1D`` always does) or the block's target brings one (a fitted line, an affine map)."""
+    fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
+    has_bias = (fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D)
+                or (act is not None and (act.line is not None or act.affine is not None)))
+    return block_costs(fc1, fc2, has_bias, block_gate(owner, layout))
 
 
 def model_params(model: nn.Module) -> int:
@@ -297,10 +309,7 @@ def _collapse_block(
 ) -> BlockReport:
     layout = act.layout
     owner = model.get_submodule(name) if name else model
-    fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
-    has_bias = (fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D) or act.line is not None
-                or act.affine is not None)
-    params_before, params_after, flops_before, flops_after = block_costs(fc1, fc2, has_bias, block_gate(owner, layout))
+    params_before, params_after, flops_before, flops_after = merged_block_costs(owner, layout, act)
     alpha = act.alpha_value
     row = BlockReport(name, layout.kind.value, alpha, "kept", "", params_before, params_before, flops_before,
                       flops_before)

@@ -207,9 +207,12 @@ class _CollapsedModelMixin:
             if "ignore_mismatched_sizes" not in str(err) or kwargs.get("ignore_mismatched_sizes"):
                 raise
             # transformers only logs which weights have the wrong shape: load again to name them
-            _, info = super().from_pretrained(*args, output_loading_info=True, **{**kwargs,
-                                                                                  "ignore_mismatched_sizes": True})
+            loaded, info = super().from_pretrained(*args, output_loading_info=True,
+                                                   **{**kwargs, "ignore_mismatched_sizes": True})
             mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
+            plan_names = _plan_module_names(loaded)
+            if not any(k == n or k.startswith(n + ".") for k in mismatched for n in plan_names):
+                raise  # outside the blocks (a new head's num_labels): transformers' own advice fits
             raise LayerCollapseConfigError(
                 f"The checkpoint's weights {mismatched[:6]} do not have the shapes that its architecture and "
                 "collapse plan expect: it is corrupt or belongs to another model; nothing was loaded."
@@ -245,10 +248,33 @@ def _auto_classes() -> list[type[_BaseAutoModelClass]]:
             and getattr(obj, "_model_mapping", None) is not None]
 
 
+def _processor_mappings() -> list:
+    """The mappings from config class to tokenizer, image processor, feature extractor and processor classes."""
+    from transformers.models.auto import (
+        feature_extraction_auto,
+        image_processing_auto,
+        processing_auto,
+        tokenization_auto,
+    )
+
+    return [tokenization_auto.TOKENIZER_MAPPING, image_processing_auto.IMAGE_PROCESSOR_MAPPING,
+            feature_extraction_auto.FEATURE_EXTRACTOR_MAPPING, processing_auto.PROCESSOR_MAPPING]
+
+
 def register_auto_classes(config_cls: type[PretrainedConfig]) -> None:
     """Map ``config_cls`` (a :func:`collapsed_config_class`) to derived model classes in every ``AutoModelFor...``
-    whose mapping knows its base config."""
+    whose mapping knows its base config, and to the base config's tokenizer, image processor, feature extractor and
+    processor classes (``AutoTokenizer`` reads a checkpoint's config when its ``tokenizer_config.json`` names no
+    class, as bert-base-uncased's does not)."""
     base_cfg = config_cls.__mro__[1]
+    for mapping in _processor_mappings():
+        if config_cls in mapping._extra_content:
+            continue
+        try:
+            value = mapping[base_cfg]
+        except (KeyError, ImportError, AttributeError):
+            continue
+        mapping.register(config_cls, value, exist_ok=True)
     for auto in _auto_classes():
         mapping = auto._model_mapping
         if config_cls in mapping._extra_content:

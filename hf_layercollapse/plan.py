@@ -8,6 +8,7 @@ relative to the model's base model (``model.base_model``), so a checkpoint saved
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -46,7 +47,8 @@ def to_base_name(model: nn.Module, name: str) -> str:
     if not name.startswith(prefix + "."):
         raise ValueError(
             f"MLP block {name!r} lies outside the base model {prefix!r}: it cannot be recorded in the checkpoint. "
-            f"Exclude it with exclude_modules=[{name!r}]."
+            f"Leave it out: LayerCollapseConfig(exclude_modules=[{name!r}]) when injecting, and not in a plan's "
+            "selected blocks."
         )
     return name[len(prefix) + 1:]
 
@@ -58,6 +60,24 @@ def plan_format(plan: dict[str, Any]) -> int:
     if any(e.get("affine") for e in entries):
         return 3
     return 2 if any(e.get("line") for e in entries) else 1
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` when it can only be a Hub model id (a valid repo id that is no local path), else ``None``.
+
+    Example:
+        >>> hub_model_id("sentence-transformers/all-MiniLM-L6-v2"), hub_model_id("/home/me/runs/bert")
+        ('sentence-transformers/all-MiniLM-L6-v2', None)
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def get_plan(model: nn.Module) -> dict[str, Any] | None:
@@ -83,7 +103,8 @@ def record_block(model: nn.Module, name: str, layout: Layout, state: str, config
     plan["library_version"] = __version__
     plan["base_model_type"] = model.config.model_type
     plan.setdefault("base_architecture", type(model).__name__)
-    plan.setdefault("base_model_name_or_path", getattr(model, "name_or_path", "") or None)
+    # a local directory is not recorded: it means nothing elsewhere, and a checkpoint pushed to the Hub would show it
+    plan.setdefault("base_model_name_or_path", hub_model_id(getattr(model, "name_or_path", None)))
     if config is not None:
         plan["config"] = config.to_dict()
     plan["blocks"][to_base_name(model, name)] = {"state": state, "layout": layout.to_dict(), **info}

@@ -50,7 +50,7 @@ from .collapse import (
     model_params,
     projection_from,
 )
-from .plan import record_block
+from .plan import record_block, to_base_name
 from .report import BlockReport, CollapseReport
 
 PLAN_FILE, WEIGHTS_FILE = "collapse_plan.json", "collapse_plan.safetensors"
@@ -284,6 +284,10 @@ def plan_collapse(
                 candidates += [_measure(model, block, stats.pop(block.name), objective, baseline, ridge, progress)
                                for block in group]
         candidates = [c for c in candidates if c.params_saved > 0]
+        if not candidates:
+            raise ValueError(f"No MLP block of {type(model).__name__} saves parameters when merged (each block's "
+                             "d_out × d_in map is at least as large as its two projections): there is nothing to "
+                             "plan.")
         ranked = sorted(candidates, key=lambda c: c.cost)
         params_total = sum(p.numel() for p in model.parameters())
         selected, measured = _select(model, blocks, ranked, objective, baseline, params_total, num_blocks,
@@ -318,13 +322,13 @@ def _measure(model, block: MLPBlock, stats: BlockStats, objective: _Objective, b
             cost = objective(progress) - baseline
         costs[method] = cost if math.isfinite(cost) else math.inf
     method = min(costs, key=lambda m: (costs[m], m != simple))  # ties go to the simple merge
-    before, after, _, _ = block_costs(fc1, fc2, True, block_gate(owner, block.layout))
+    chosen = merges[method]
+    before, after, _, _ = block_costs(fc1, fc2, chosen.bias is not None, block_gate(owner, block.layout))
     weight = bias = None
     if method != "exact":
-        chosen = merges[method]
         weight = chosen.weight.detach().float().cpu()
         weight = weight.T.contiguous() if isinstance(chosen, Conv1D) else weight
-        bias = chosen.bias.detach().float().cpu() if chosen.bias is not None else torch.zeros(weight.shape[0])
+        bias = chosen.bias.detach().float().cpu() if chosen.bias is not None else None
     return PlannedBlock(block.name, block.layout, method, costs, before - after, weight, bias)
 
 
@@ -380,7 +384,9 @@ def _select(model, blocks, ranked, objective, baseline, params_total, num_blocks
 def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
     """Merge the plan's blocks in place (what ``collapse_model(model, plan=plan)`` does)."""
     report = CollapseReport(model_params_before=model_params(model))
-    replacements = [(p, _replacement(model, p)) for p in plan.selected]  # validate everything before changing
+    for planned in plan.selected:  # validate everything before changing: the names must be recordable as well
+        to_base_name(model, planned.name)
+    replacements = [(p, _replacement(model, p)) for p in plan.selected]
     for planned, merged in replacements:
         owner = model.get_submodule(planned.name) if planned.name else model
         fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)

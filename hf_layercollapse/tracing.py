@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from .activation import CollapsibleActivation
 from .architectures import PROJECTIONS, BlockKind, Layout, MLPBlock
+from .plan import base_prefix
 
 _PASS_THROUGH_OPS = {"dropout", "to", "contiguous", "view", "reshape", "clone", "float", "half", "bfloat16",
                      "type", "type_as", "detach"}
@@ -291,4 +292,10 @@ def trace_mlp_blocks(model: nn.Module, example_inputs: dict[str, torch.Tensor] |
         found.setdefault(prefix, layout)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = sorted(found, key=lambda n: order.get(n, len(order)))
-    return [MLPBlock(name, i, found[name]) for i, name in enumerate(names)]
+    blocks = [MLPBlock(name, 0, found[name]) for name in names]
+    # a task head on top of the base model can look like a block (ALBERT's pooler → tanh → classifier): it is not
+    # one of the transformer's MLPs, and a checkpoint could not record it (plan names are relative to the base model)
+    prefix = base_prefix(model)
+    if prefix:
+        blocks = [b for b in blocks if all(n.startswith(prefix + ".") for n in b.module_names[1:])]
+    return [MLPBlock(b.name, i, b.layout) for i, b in enumerate(blocks)]

@@ -17,7 +17,7 @@ from conftest import (
 )
 from tiny_models import CONFIGS, GATED, PLAIN, D, H, tiny_model
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 import hf_layercollapse as hlc
@@ -98,6 +98,25 @@ def test_albert_shared_block_found_once_and_collapses_exactly():
     assert [b.status for b in report.blocks] == ["collapsed"]
     assert max_rel_diff(outputs(model, inputs), linear) <= 1e-5
     assert params - num_params(model) == saved_per_block(D, H, bias=True)
+
+
+def test_a_task_head_is_not_taken_for_an_mlp_block():
+    """ALBERT's pooler → tanh → dropout → classifier traces like a block; it lies outside the base model, so a
+    checkpoint could not record it: the tracer leaves it out and the head model collapses like the base model."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("albert", vocab_size=99, embedding_size=16, hidden_size=D, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=H, max_position_embeddings=64)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    blocks = hlc.find_mlp_blocks(model)
+    assert [b.name for b in blocks] == ["albert.encoder.albert_layer_groups.0.albert_layers.0"]
+    inputs = make_inputs(model)
+    original = outputs(model, inputs)
+    hlc.get_collapse_model(model)
+    set_alphas(model, 1.0)
+    linear = outputs(model, inputs)
+    assert max_rel_diff(linear, original) > 1e-3
+    assert [b.status for b in hlc.collapse_model(model).blocks] == ["collapsed"]
+    assert max_rel_diff(outputs(model, inputs), linear) <= 1e-5
 
 
 def test_phi3_fused_gate_up_is_gated():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoModelForCausalLM, BertTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, BertTokenizer
 
 if str(Path(__file__).parent) not in sys.path:  # robust to --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
@@ -23,6 +23,7 @@ from tiny_models import tiny_config, tiny_model
 
 import hf_layercollapse as hlc
 from hf_layercollapse.cli import COMMANDS, main
+from hf_layercollapse.plan import get_plan
 
 IDS = torch.tensor([[1, 5, 7, 2, 9]])
 
@@ -91,6 +92,21 @@ def test_inspect_plain_model(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "collapsing all 2 mergeable blocks" in out and "injected blocks" not in out
 
 
+def test_inspect_counts_gated_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What inspect says collapsing would save is what collapse then saves, for gated blocks too."""
+    torch.manual_seed(0)
+    model = hlc.get_collapse_model(AutoModelForCausalLM.from_config(tiny_config("llama")).eval())
+    first = next(iter(hlc.injected_activations(model).values()))
+    first.alpha.data.fill_(1.0)
+    model.save_pretrained(tmp_path / "injected")
+    assert main(["inspect", str(tmp_path / "injected"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [b["kind"] for b in result["blocks"]] == ["gated", "gated"]
+    ready = result["savings"]["ready"]
+    assert len(ready["blocks"]) == 1 and ready["params_saved"] > 0
+    assert ready["params_saved"] == hlc.collapse_model(model).params_saved
+
+
 def test_collapse_matches_in_memory(injected: tuple[Path, torch.nn.Module], collapsed: Path) -> None:
     reloaded = AutoModelForCausalLM.from_pretrained(collapsed)
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
@@ -104,6 +120,27 @@ def test_collapse_matches_in_memory(injected: tuple[Path, torch.nn.Module], coll
     saved = json.loads((collapsed / "layercollapse_report.json").read_text())
     assert saved == report.to_dict()
     assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= {p.name for p in collapsed.iterdir()}
+
+
+def test_a_local_base_model_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base model loaded from a relative local directory is not recorded: the card, rendered elsewhere, must not
+    name it as its Hub base model (nor ask the Hub for its license); a Hub id is recorded."""
+    monkeypatch.chdir(tmp_path)
+    tiny_model("bert").save_pretrained("my-finetuned-bert")
+    model = hlc.get_collapse_model(AutoModel.from_pretrained("my-finetuned-bert"))
+    hlc.injected_activations(model)["encoder.layer.0"].alpha.data.fill_(1.0)
+    hlc.collapse_model(model)
+    assert get_plan(model)["base_model_name_or_path"] is None
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert hlc.render_model_card(model).data.base_model is None
+    from_hub = tiny_model("bert")
+    from_hub.name_or_path = "google-bert/bert-base-uncased"
+    hlc.get_collapse_model(from_hub)
+    hlc.injected_activations(from_hub)["encoder.layer.0"].alpha.data.fill_(1.0)
+    hlc.collapse_model(from_hub)
+    assert get_plan(from_hub)["base_model_name_or_path"] == "google-bert/bert-base-uncased"
+    assert hlc.render_model_card(from_hub).data.base_model == "google-bert/bert-base-uncased"
 
 
 def test_collapse_named_blocks(injected: tuple[Path, torch.nn.Module], tmp_path: Path,
@@ -152,7 +189,8 @@ def test_errors(injected: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: 
         (["card", str(plain)], "not a LayerCollapse checkpoint"),
         (["push", str(plain), "me/x"], "not a LayerCollapse checkpoint"),
         (["collapse", str(injected[0]), str(injected[0])], "OUT_DIR must differ"),
-        (["inspect", "not-a-dir"], "no such directory"),
+        (["inspect", "not-a-dir"], "no such directory, and not loadable as a Hub repo id"),  # tried on the Hub
+        (["inspect", str(tmp_path / "missing")], "no such directory (and not a Hub repo id)"),
         (["card", str(injected[0]), "--training-info", str(tmp_path / "nope.json")], "nope.json: no such file"),
     ]
     for argv, message in cases:

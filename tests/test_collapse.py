@@ -24,6 +24,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.pytorch_utils import Conv1D
 
 import hf_layercollapse as hlc
+from hf_layercollapse.collapse import projection_from
 from hf_layercollapse.plan import get_plan
 
 # ------------------------------------------------------------------------------------ merge_projections
@@ -94,6 +95,23 @@ def test_merge_projections_fp32_matches_fp64(kind):
     with torch.no_grad():
         got = merged(x).double()
     assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_a_map_without_a_bias_computes_w_x(kind):
+    """A fitted map may come without a bias; a Conv1D always has one, and it must then be zero, not whatever
+    memory the uninitialised projection was given."""
+    torch.manual_seed(0)
+    like = projection(kind, 8, 4, True, torch.float32)
+    weight, x = torch.randn(4, 8), torch.randn(3, 8)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # uninitialised memory is then filled with NaN: a bias left so shows
+    try:
+        merged = projection_from(like, weight, None)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), x @ weight.T, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

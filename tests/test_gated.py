@@ -210,6 +210,27 @@ def test_planner_on_gated_blocks_keeps_the_better_candidate():
     assert torch.isfinite(model(ids).logits).all()
 
 
+def test_a_gate_fixed_by_the_planner_adds_no_bias():
+    """Llama's projections have no bias: a block merged with its gate fixed (constant or fitted) has none either,
+    and the plan counts exactly what collapsing saves (a least-squares map brings its own bias)."""
+    model = gated_model("llama", causal_lm=True)
+    with torch.no_grad():  # SiLU(0) = 0: the block's output is 0, every merge is exact and the simple one is kept
+        model.model.layers[0].mlp.gate_proj.weight.zero_()
+    batches = [{"input_ids": torch.randint(1, 99, (4, 10), generator=torch.Generator().manual_seed(i))}
+               for i in range(4)]
+    plan = hlc.plan_collapse(model, batches, num_blocks=2, show_progress=False)
+    methods = {b.name: b.method for b in plan.selected}
+    assert methods["model.layers.0.mlp"] == "constant_gate"
+    d, h = model.config.hidden_size, model.config.intermediate_size
+    for block in plan.selected:
+        has_bias = block.method.endswith("least_squares")
+        assert (block.bias is not None) == has_bias
+        assert block.params_saved == 3 * d * h - d * d - (d if has_bias else 0)
+    params = sum(p.numel() for p in model.parameters())
+    report = hlc.collapse_model(model, plan=plan)
+    assert params - sum(p.numel() for p in model.parameters()) == plan.params_saved == report.params_saved
+
+
 def test_plain_mlp_with_llama_names_stays_plain():
     class Block(nn.Module):
         def __init__(self):

@@ -491,3 +491,50 @@ def test_config_with_newer_plan_format(saved_bert):
     edit_config(saved_bert, lambda config: config["layercollapse"].update(format=99))
     with pytest.raises(hlc.LayerCollapseConfigError, match="format 99"):
         AutoModel.from_pretrained(saved_bert)
+
+
+def test_a_new_head_size_is_not_called_a_corrupt_checkpoint(tmp_path):
+    """A different num_labels mismatches the head, not the blocks: transformers' own error (ignore_mismatched_sizes)
+    is the right advice, and with it the collapsed blocks load exactly; a wrongly shaped block weight stays ours."""
+    model = collapsed_classifier()
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes") as info:
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt", num_labels=5)
+    assert not isinstance(info.value, hlc.LayerCollapseConfigError)
+    relabelled = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt", num_labels=5,
+                                                                    ignore_mismatched_sizes=True).eval()
+    assert relabelled.config.num_labels == 5
+    inputs = make_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(relabelled.bert(**inputs).last_hidden_state,
+                                   model.eval().bert(**inputs).last_hidden_state, atol=0, rtol=0)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(weights)
+    key = "bert.encoder.layer.0.output.dense.weight"  # the collapsed block's merged projection
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(hlc.LayerCollapseConfigError, match="corrupt or belongs to another model"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")
+
+
+def test_processors_found_through_the_checkpoint_config(tmp_path):
+    """AutoTokenizer / AutoImageProcessor read the model's config when the processor's own file names no class
+    (bert-base-uncased's tokenizer_config.json does not): a LayerCollapse checkpoint gives the base model's."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model = tiny_model("bert")
+    hlc.get_collapse_model(model)
+    model.save_pretrained(tmp_path / "bert")
+    tiny_tokenizer(tmp_path / "vocab")
+    (tmp_path / "bert" / "vocab.txt").write_text((tmp_path / "vocab" / "vocab.txt").read_text())
+    (tmp_path / "bert" / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bert")
+    assert type(tokenizer).__name__ == "BertTokenizer"
+    assert tokenizer("the cat sat")["input_ids"] == [2, 5, 7, 9, 3]
+    vit = tiny_model("vit")
+    collapse_all(vit)
+    vit.save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 8, "width": 8}}))
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "vit")
+    assert type(processor).__name__.startswith("ViTImageProcessor")
+    assert processor(torch.zeros(3, 16, 16))["pixel_values"][0].shape == (3, 8, 8)

@@ -242,3 +242,38 @@ def test_planning_and_collapsing_leave_the_global_random_state_alone(name):
         act.alpha.data.fill_(1.0)
     hlc.collapse_model(model)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_plan_that_cannot_be_applied_leaves_the_model_unchanged():
+    """Every block of the plan is checked before the first one is merged: a block named outside the base model
+    (which a checkpoint could not record) fails the plan without merging the blocks before it."""
+    from dataclasses import replace
+
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert().config).eval()
+    data = batches()
+    plan = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
+    last = plan.selected[-1]
+    parts = {f: f"{last.name}.{getattr(last.layout, f)}" for f in ("fc1", "act", "fc2")}
+    moved = replace(last, name="", layout=replace(last.layout, **parts, dropouts=()))
+    plan.selected = [plan.selected[0], moved]
+    ids = data[0]["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+    params = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="outside the base model"):
+        hlc.collapse_model(model, plan=plan)
+    assert sum(p.numel() for p in model.parameters()) == params
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+
+
+def test_a_model_whose_blocks_save_nothing_is_refused():
+    torch.manual_seed(0)
+    narrow = BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=15)).eval()  # 2·32·15 + 15 + 32 < 32·32 + 32: merging grows it
+    for budget in ({"num_blocks": 1}, {"max_loss_increase": 1.0}, {"params_fraction": 0.1}):
+        with pytest.raises(ValueError, match="saves parameters when merged"):
+            hlc.plan_collapse(narrow, batches(), show_progress=False, **budget)
