@@ -25,8 +25,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .architectures import PROJECTIONS, Layout, join, projection_shape
-from .collapse import block_costs, block_gate, model_params
+from .architectures import PROJECTIONS, Layout, find_mlp_blocks, join, projection_shape
+from .collapse import block_costs, block_gate, merged_block_costs, model_params
 from .injection import injected_activations
 from .modeling import INSTALL_HINT, _CollapsedModelMixin
 from .plan import base_prefix, get_plan, hub_model_id
@@ -61,6 +61,28 @@ _PIPELINE_TAGS = {
     "AutoModelForSpeechSeq2Seq": "automatic-speech-recognition", "AutoModelForCTC": "automatic-speech-recognition",
     "AutoModelForAudioClassification": "audio-classification", "AutoModelForObjectDetection": "object-detection",
     "AutoModelForZeroShotImageClassification": "zero-shot-image-classification",
+}
+# What a fine-tuned block became at α = 1, by the plan's linear_target (or the paper's PReLU) and the block's kind.
+_TRAINED_TARGETS = {
+    ("default", "plain"): "a plain block's activation is the identity, so the block is W₂·W₁ with b = W₂·b₁ + b₂",
+    ("default", "gated"): "a gated block's gate is a learnable constant c, so the block is W_down·diag(c)·W_up",
+    ("fitted", "plain"): ("each channel's activation in a plain block is its least-squares line a·z + b on "
+                          "calibration data, so the block is W₂·diag(a)·W₁ plus a bias"),
+    ("fitted", "gated"): ("a gated block's gate is a learnable constant c started at its least-squares fit on "
+                          "calibration data, so the block is W_down·diag(c)·W_up"),
+    ("affine", "plain"): ("the whole block is a learnable affine map W·x + b, started at its least-squares fit on "
+                          "calibration data"),
+    ("prelu", "plain"): "the activation is a PReLU of slope α, which is the identity at α = 1: the block is W₂·W₁",
+}
+_TRAINED_TARGETS["affine", "gated"] = _TRAINED_TARGETS["affine", "plain"]
+# The merges the calibration planner chooses from (CollapsePlan methods).
+_PLANNED_METHODS = {
+    "exact": "the exact merge W₂·W₁ (the activation made the identity)",
+    "least_squares": "the affine map closest to the block's output on calibration data (least squares)",
+    "relative_least_squares": ("the affine map closest to the block's output on calibration data, each token "
+                               "weighted by the size of its output (relative least squares)"),
+    "constant_gate": "the gate fixed at its mean on calibration data",
+    "fitted_gate": "the gate fixed at its least-squares constant on calibration data",
 }
 _TRAINING_LABELS = {"reg_weight": "λ (weight of λ·Σ(1−α)²)", "threshold": "τ (collapse when |1−α| ≤ τ)",
                     "activation": "collapsible activation", "init_alpha": "initial α",
@@ -148,6 +170,15 @@ def build_collapse_report(model: PreTrainedModel) -> CollapseReport:
         if alpha is not None and threshold is not None and abs(1 - alpha) > threshold:
             reason = f"|1-α| = {abs(1 - alpha):.4f} > {threshold}"
         report.blocks.append(BlockReport(full, layout.kind.value, alpha, "kept", reason, params, params, flops, flops))
+    reported = {b.name for b in report.blocks}
+    for block in find_mlp_blocks(model):  # blocks that were never injected (layers_to_transform, a plan's choice)
+        if block.name not in reported:
+            owner = model.get_submodule(block.name) if block.name else model
+            params, _, flops, _ = merged_block_costs(owner, block.layout)
+            report.blocks.append(BlockReport(block.name, block.kind.value, None, "kept", "not selected", params,
+                                             params, flops, flops))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report.blocks.sort(key=lambda b: order.get(b.name, -1))
     return report
 
 
@@ -369,6 +400,12 @@ def card_variables(model: PreTrainedModel, report: CollapseReport, **options: An
         {"label": "FLOPs/token, all projections (≈)", "before": f"{lin_before:,}", "after": f"{lin_after:,}",
          "change": _change(lin_before, lin_after)},
     ]
+    entries = [e for e in plan["blocks"].values() if e["state"] == "collapsed"]
+    methods = [e.get("method") for e in entries]  # None: fine-tuned until linear; else the planner's merge
+    config = plan.get("config") or {}
+    target = "prelu" if config.get("activation") == "prelu" else config.get("linear_target", "default")
+    trained_kinds = sorted({Layout.from_dict(e["layout"]).kind.value for e in entries if not e.get("method")},
+                           reverse=True)  # plain first
     blocks = [{"name": _cell(b.name), "kind": b.kind, "alpha": "-" if b.alpha is None else f"{b.alpha:.4f}",
                "status": _cell(b.status if not b.reason else f"{b.status} ({b.reason})"),
                "params": f"{b.params_before:,} → {b.params_after:,}",
@@ -376,6 +413,10 @@ def card_variables(model: PreTrainedModel, report: CollapseReport, **options: An
     return {
         "report": report.to_dict(), "blocks": blocks, "compression": compression,
         "num_blocks": len(report.blocks), "num_collapsed": len(collapsed),
+        # fine-tuned until linear (no method recorded) or merged by the calibration planner (its method)
+        "num_trained": methods.count(None), "num_planned": len(methods) - methods.count(None),
+        "trained_target": "; ".join(_TRAINED_TARGETS.get((target, kind), target) for kind in trained_kinds),
+        "planned_methods": [_PLANNED_METHODS.get(m, m) for m in sorted({m for m in methods if m})],
         "params_before": before, "params_after": after, "params_saved": report.params_saved,
         "params_saved_pct": f"{100 * report.params_saved / before:.2f}%" if before else "0%",
         "threshold": report.threshold, "base_model_type": plan.get("base_model_type", model.config.model_type),

@@ -47,9 +47,11 @@ from .collapse import (
     install_merged,
     merge_block,
     merge_projections,
+    merged_block_costs,
     model_params,
     projection_from,
 )
+from .injection import injected_activations
 from .plan import record_block, to_base_name
 from .report import BlockReport, CollapseReport
 
@@ -387,6 +389,18 @@ def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
     for planned in plan.selected:  # validate everything before changing: the names must be recordable as well
         to_base_name(model, planned.name)
     replacements = [(p, _replacement(model, p)) for p in plan.selected]
+    chosen, saving = {p.name for p in plan.selected}, {c.name for c in plan.candidates}
+    injected = injected_activations(model)
+    for block in find_mlp_blocks(model):  # the blocks the plan leaves, as collapse_model reports its kept blocks
+        if block.name in chosen:
+            continue
+        owner = model.get_submodule(block.name) if block.name else model
+        params, _, flops, _ = merged_block_costs(owner, block.layout)
+        status, reason = (("kept", "not selected by the plan") if block.name in saving
+                          else ("skipped", "merging would not save parameters"))
+        alpha = injected[block.name].alpha_value if block.name in injected else None
+        report.blocks.append(BlockReport(block.name, block.kind.value, alpha, status, reason, params, params, flops,
+                                         flops))
     for planned, merged in replacements:
         owner = model.get_submodule(planned.name) if planned.name else model
         fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)
@@ -401,5 +415,7 @@ def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
                      method=planned.method)
         report.blocks.append(BlockReport(planned.name, planned.layout.kind.value, alpha, "collapsed",
                                          planned.method, before, after, flops_before, flops_after))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report.blocks.sort(key=lambda b: order.get(b.name, -1))
     report.model_params_after = model_params(model)
     return report

@@ -22,6 +22,7 @@ if str(Path(__file__).parent) not in sys.path:  # robust to --import-mode=import
 from tiny_models import tiny_config, tiny_model
 
 import hf_layercollapse as hlc
+from hf_layercollapse.card import build_collapse_report
 from hf_layercollapse.cli import COMMANDS, main
 from hf_layercollapse.plan import get_plan
 
@@ -143,6 +144,31 @@ def test_a_local_base_model_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatc
     assert hlc.render_model_card(from_hub).data.base_model == "google-bert/bert-base-uncased"
 
 
+def test_card_of_a_planner_collapsed_model_says_so(tmp_path: Path) -> None:
+    """Blocks merged by the calibration planner were not fine-tuned: the card says how they were replaced, and
+    counts the block the plan left (in the report of collapse_model and in the one rebuilt from the checkpoint)."""
+    torch.manual_seed(0)
+    config = tiny_config("gpt2")
+    config.n_layer = 3
+    model = AutoModelForCausalLM.from_config(config).eval()
+    data = [{"input_ids": torch.randint(1, 90, (4, 10), generator=torch.Generator().manual_seed(i))}
+            for i in range(4)]
+    plan = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
+    report = hlc.collapse_model(model, plan=plan)
+    chosen = {p.name for p in plan.selected}
+    rows = [(b.name, b.status) for b in report.blocks]
+    assert rows == [(f"transformer.h.{i}.mlp", "collapsed" if f"transformer.h.{i}.mlp" in chosen else "kept")
+                    for i in range(3)]
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert [(b.name, b.status) for b in build_collapse_report(reloaded).blocks] == rows
+    text = hlc.render_model_card(reloaded).text
+    assert ("2 of its 3 MLP blocks were replaced by a single projection each, fitted on calibration data without "
+            "fine-tuning") in text
+    assert "calibration planner" in text and "Fine-tuning added" not in text
+    assert ("relative least squares" in text) == ("relative_least_squares" in {p.method for p in plan.selected})
+
+
 def test_collapse_named_blocks(injected: tuple[Path, torch.nn.Module], tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     code, line = _errors(capsys, ["collapse", str(injected[0]), str(tmp_path / "a"), "--blocks", "h.0.mlp"])
@@ -165,6 +191,8 @@ def test_card(collapsed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-generation"
     assert card.data.library_name == "transformers" and "layercollapse" in card.data.tags
     assert "| `transformer.h.1.mlp` | plain | 1.0000 | collapsed |" in card.text
+    assert "a plain block's activation is the identity, so the block is W₂·W₁" in card.text
+    assert "Fine-tuning added λ·Σ(1−α)²" in card.text and "calibration planner" not in card.text
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny")' in card.text
     assert "| steps | 1234 |" in card.text and "| learning_rate | 0.0001 |" in card.text
     assert (output.parent / "layercollapse_chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
