@@ -246,7 +246,6 @@ def collapse_model(
                              "force unset.")
         from .planner import apply_collapse_plan
 
-        _check_no_unmerged_adapters(model, [(p.name, p.layout) for p in plan.selected])
         return apply_collapse_plan(model, plan)
     injected = injected_activations(model)
     if not injected:
@@ -268,7 +267,7 @@ def collapse_model(
                 f"Blocks {details} have α farther than threshold={threshold} from 1: merging them would drop "
                 "their non-linear part. Train longer (or raise reg_weight), or pass force=True."
             )
-    _check_no_unmerged_adapters(model, [(n, injected[n].layout) for n in names
+    check_no_unmerged_adapters(model, [(n, injected[n].layout) for n in names
                                         if force or abs(1.0 - injected[n].alpha_value) <= threshold])
     report = CollapseReport(model_params_before=model_params(model), threshold=threshold)
     for name in injected:
@@ -277,7 +276,7 @@ def collapse_model(
     return report
 
 
-def _check_no_unmerged_adapters(model: nn.Module, blocks: list[tuple[str, Layout]]) -> None:
+def check_no_unmerged_adapters(model: nn.Module, blocks: list[tuple[str, Layout]]) -> None:
     """Refuse to merge blocks whose modules are PEFT adapter layers (LoRA on fc1/fc2, a LayerCollapse adapter on the
     activation): merging would drop the adapters silently. They have to be merged into the weights first."""
     for name, layout in blocks:

@@ -20,19 +20,29 @@ states).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import BlockKind, Layout, MLPBlock, check_not_moe, find_mlp_blocks, projection_shape
+from .architectures import (
+    PROJECTIONS,
+    BlockKind,
+    Layout,
+    MLPBlock,
+    check_not_moe,
+    find_mlp_blocks,
+    projection_shape,
+)
 from .calibration import (
     BlockStats,
     calibration_batches,
@@ -44,6 +54,7 @@ from .calibration import (
 from .collapse import (
     block_costs,
     block_gate,
+    check_no_unmerged_adapters,
     install_merged,
     merge_block,
     merge_projections,
@@ -54,6 +65,8 @@ from .collapse import (
 from .injection import injected_activations
 from .plan import record_block, to_base_name
 from .report import BlockReport, CollapseReport
+
+logger = logging.getLogger(__name__)
 
 PLAN_FILE, WEIGHTS_FILE = "collapse_plan.json", "collapse_plan.safetensors"
 METHODS = ("exact", "constant_gate", "fitted_gate", "least_squares", "relative_least_squares")
@@ -163,15 +176,19 @@ class CollapsePlan:
         try:
             data = json.loads((directory / PLAN_FILE).read_text())
             tensors = load_file(str(directory / WEIGHTS_FILE))
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, json.JSONDecodeError, SafetensorError) as err:
             raise ValueError(f"{directory} does not hold a readable collapse plan ({PLAN_FILE}, {WEIGHTS_FILE}): "
                              f"{err}") from err
-        candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"]), c["method"], _costs(c),
-                                   c["params_saved"], tensors.get(f"{c['name']}.weight"),
-                                   tensors.get(f"{c['name']}.bias")) for c in data["candidates"]]
-        by_name = {b.name: b for b in candidates}
-        return cls([by_name[n] for n in data["selected"]], candidates, data["objective"], data["baseline"],
-                   data["measured_cost"], data["params_total"])
+        try:
+            candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"]), c["method"], _costs(c),
+                                       c["params_saved"], tensors.get(f"{c['name']}.weight"),
+                                       tensors.get(f"{c['name']}.bias")) for c in data["candidates"]]
+            by_name = {b.name: b for b in candidates}
+            return cls([by_name[n] for n in data["selected"]], candidates, data["objective"], data["baseline"],
+                       data["measured_cost"], data["params_total"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{directory / PLAN_FILE} is not a collapse plan written by CollapsePlan.save (missing "
+                             f"or wrong entry {err}): write it again with plan_collapse(...).save().") from None
 
 
 # --------------------------------------------------------------------------------------------------- objective
@@ -267,6 +284,9 @@ def plan_collapse(
     batches = calibration_batches(calibration_data, model, batch_size)
     split = max(1, min(len(batches) - 1, round(len(batches) * (1 - holdout)))) if len(batches) > 1 else 1
     fit_batches, eval_batches = batches[:split], (batches[split:] or batches)
+    if len(batches) == 1:
+        logger.warning("plan_collapse: one calibration batch, so the maps are fitted and their costs measured on the "
+                       "same data, which makes the costs look smaller than they are: give at least 2 batches.")
     check_not_moe(model)
     blocks = find_mlp_blocks(model)
     if not blocks:
@@ -383,11 +403,29 @@ def _select(model, blocks, ranked, objective, baseline, params_total, num_blocks
     return chosen, cost
 
 
+def _check_applicable(model: nn.Module, plan: CollapsePlan) -> None:
+    """The plan's blocks are in ``model``, not wrapped by unmerged adapters, not merged yet, and recordable."""
+    owners = {}
+    for planned in plan.selected:
+        try:
+            owners[planned.name] = owner = model.get_submodule(planned.name) if planned.name else model
+            for part in (planned.layout.fc1, planned.layout.act, planned.layout.fc2):
+                owner.get_submodule(part)
+        except AttributeError:
+            raise ValueError(f"The plan's block {planned.name!r} ({planned.layout.fc1} → {planned.layout.fc2}) is not "
+                             f"in this {type(model).__name__}: the plan belongs to another model.") from None
+    check_no_unmerged_adapters(model, [(p.name, p.layout) for p in plan.selected])
+    for planned in plan.selected:
+        if not isinstance(owners[planned.name].get_submodule(planned.layout.fc1), PROJECTIONS):
+            raise ValueError(f"The plan's block {planned.name!r} is collapsed already: apply a plan once, to the model "
+                             "it was made for.")
+        to_base_name(model, planned.name)
+
+
 def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
     """Merge the plan's blocks in place (what ``collapse_model(model, plan=plan)`` does)."""
     report = CollapseReport(model_params_before=model_params(model))
-    for planned in plan.selected:  # validate everything before changing: the names must be recordable as well
-        to_base_name(model, planned.name)
+    _check_applicable(model, plan)  # everything is validated before anything changes
     replacements = [(p, _replacement(model, p)) for p in plan.selected]
     chosen, saving = {p.name for p in plan.selected}, {c.name for c in plan.candidates}
     injected = injected_activations(model)

@@ -277,3 +277,28 @@ def test_a_model_whose_blocks_save_nothing_is_refused():
     for budget in ({"num_blocks": 1}, {"max_loss_increase": 1.0}, {"params_fraction": 0.1}):
         with pytest.raises(ValueError, match="saves parameters when merged"):
             hlc.plan_collapse(narrow, batches(), show_progress=False, **budget)
+
+
+def test_unreadable_plans_and_plans_of_other_models(tmp_path, caplog):
+    model, data = tiny_bert(), batches()
+    plan = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
+    plan.save(tmp_path / "plan")
+    weights = tmp_path / "plan" / "collapse_plan.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="does not hold a readable collapse plan"):
+        hlc.CollapsePlan.load(tmp_path / "plan")
+    weights.write_bytes(good)
+    saved = json.loads((tmp_path / "plan" / "collapse_plan.json").read_text())
+    (tmp_path / "plan" / "collapse_plan.json").write_text(json.dumps({**saved, "selected": ["encoder.layer.9"]}))
+    with pytest.raises(ValueError, match="not a collapse plan written by CollapsePlan.save"):
+        hlc.CollapsePlan.load(tmp_path / "plan")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=32, n_layer=4, n_head=2)).eval()
+    with pytest.raises(ValueError, match="the plan belongs to another model"):
+        hlc.collapse_model(gpt2, plan=plan)
+    hlc.collapse_model(model, plan=plan)
+    with pytest.raises(ValueError, match="collapsed already"):
+        hlc.collapse_model(model, plan=plan)
+    with caplog.at_level("WARNING", logger="hf_layercollapse.planner"):
+        hlc.plan_collapse(tiny_bert(), data[:1], num_blocks=1, show_progress=False)
+    assert "one calibration batch" in caplog.text
