@@ -25,8 +25,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .architectures import PROJECTIONS, Layout, find_mlp_blocks, join, projection_shape
-from .collapse import block_costs, block_gate, merged_block_costs, model_params
+from .architectures import PROJECTIONS, Layout, join, projection_shape, table_mlp_blocks
+from .collapse import block_costs, block_gate, in_model_order, model_params, unselected_rows
 from .injection import injected_activations
 from .modeling import INSTALL_HINT, _CollapsedModelMixin
 from .plan import base_prefix, get_plan, hub_model_id
@@ -72,9 +72,12 @@ _TRAINED_TARGETS = {
                           "calibration data, so the block is W_down·diag(c)·W_up"),
     ("affine", "plain"): ("the whole block is a learnable affine map W·x + b, started at its least-squares fit on "
                           "calibration data"),
-    ("prelu", "plain"): "the activation is a PReLU of slope α, which is the identity at α = 1: the block is W₂·W₁",
+    ("prelu", "plain"): "the PReLU of slope 1 is the identity, so the block is W₂·W₁ with b = W₂·b₁ + b₂",
 }
 _TRAINED_TARGETS["affine", "gated"] = _TRAINED_TARGETS["affine", "plain"]
+# What the collapsible activation is at α = 0, by activation.
+_AT_ZERO = {"blend": "which leaves the block as it was at α = 0",
+            "prelu": "the paper's PReLU of slope α, which replaces the original activation (a ReLU at α = 0)"}
 # The merges the calibration planner chooses from (CollapsePlan methods).
 _PLANNED_METHODS = {
     "exact": "the exact merge W₂·W₁ (the activation made the identity)",
@@ -160,7 +163,8 @@ def build_collapse_report(model: PreTrainedModel) -> CollapseReport:
             owner = original.base_model.get_submodule(name) if name else original.base_model
             costs = block_costs(owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2),
                                 bool(entry.get("bias", True)), block_gate(owner, layout))
-            report.blocks.append(BlockReport(full, layout.kind.value, entry.get("alpha"), "collapsed", "", *costs))
+            report.blocks.append(BlockReport(full, layout.kind.value, entry.get("alpha"), "collapsed",
+                                             entry.get("method", ""), *costs))
             continue
         owner = model.get_submodule(full) if full else model
         fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
@@ -170,15 +174,10 @@ def build_collapse_report(model: PreTrainedModel) -> CollapseReport:
         if alpha is not None and threshold is not None and abs(1 - alpha) > threshold:
             reason = f"|1-α| = {abs(1 - alpha):.4f} > {threshold}"
         report.blocks.append(BlockReport(full, layout.kind.value, alpha, "kept", reason, params, params, flops, flops))
-    reported = {b.name for b in report.blocks}
-    for block in find_mlp_blocks(model):  # blocks that were never injected (layers_to_transform, a plan's choice)
-        if block.name not in reported:
-            owner = model.get_submodule(block.name) if block.name else model
-            params, _, flops, _ = merged_block_costs(owner, block.layout)
-            report.blocks.append(BlockReport(block.name, block.kind.value, None, "kept", "not selected", params,
-                                             params, flops, flops))
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    report.blocks.sort(key=lambda b: order.get(b.name, -1))
+    reported = {b.name for b in report.blocks}  # + the blocks never injected (layers_to_transform, a plan's choice)
+    # (from the table on the uncollapsed architecture; a model type outside it would need tracing, a forward pass)
+    never = [b for b in table_mlp_blocks(original) or [] if b.name not in reported]
+    report.blocks = in_model_order(model, report.blocks + unselected_rows(model, never))
     return report
 
 
@@ -404,18 +403,20 @@ def card_variables(model: PreTrainedModel, report: CollapseReport, **options: An
     methods = [e.get("method") for e in entries]  # None: fine-tuned until linear; else the planner's merge
     config = plan.get("config") or {}
     target = "prelu" if config.get("activation") == "prelu" else config.get("linear_target", "default")
-    trained_kinds = sorted({Layout.from_dict(e["layout"]).kind.value for e in entries if not e.get("method")},
-                           reverse=True)  # plain first
+    trained = [e for e in entries if not e.get("method")] or list(plan["blocks"].values())  # none yet: the injected
+    trained_kinds = sorted({Layout.from_dict(e["layout"]).kind.value for e in trained}, reverse=True)  # plain first
+    every_block = table_mlp_blocks(original)  # a report of collapse_model lists only the injected blocks
     blocks = [{"name": _cell(b.name), "kind": b.kind, "alpha": "-" if b.alpha is None else f"{b.alpha:.4f}",
                "status": _cell(b.status if not b.reason else f"{b.status} ({b.reason})"),
                "params": f"{b.params_before:,} → {b.params_after:,}",
                "flops": f"{b.flops_before:,} → {b.flops_after:,}"} for b in report.blocks]
     return {
         "report": report.to_dict(), "blocks": blocks, "compression": compression,
-        "num_blocks": len(report.blocks), "num_collapsed": len(collapsed),
+        "num_blocks": len(every_block) if every_block else len(report.blocks), "num_collapsed": len(collapsed),
         # fine-tuned until linear (no method recorded) or merged by the calibration planner (its method)
         "num_trained": methods.count(None), "num_planned": len(methods) - methods.count(None),
         "trained_target": "; ".join(_TRAINED_TARGETS.get((target, kind), target) for kind in trained_kinds),
+        "alpha_at_zero": _AT_ZERO.get(config.get("activation", "blend"), _AT_ZERO["blend"]),
         "planned_methods": [_PLANNED_METHODS.get(m, m) for m in sorted({m for m in methods if m})],
         "params_before": before, "params_after": after, "params_saved": report.params_saved,
         "params_saved_pct": f"{100 * report.params_saved / before:.2f}%" if before else "0%",
@@ -461,8 +462,10 @@ def render_model_card(
             activation come from the plan. Keys that look like credentials are dropped.
         template_path: A Jinja template of your own. It gets ``card_data`` (the YAML) and the variables of
             :func:`card_variables`: ``model_name``, ``repo_id``, ``base_model``, ``compression`` and ``blocks``
-            (rows of preformatted strings), ``report`` (``CollapseReport.to_dict()``), ``training``,
-            ``eval_table``, ``chart_file``, ``auto_class``, ``install_command``, ``citation``, ...
+            (rows of preformatted strings), ``report`` (``CollapseReport.to_dict()``), ``num_blocks``,
+            ``num_collapsed``, ``num_trained`` / ``num_planned`` (collapsed by fine-tuning / by the planner),
+            ``trained_target``, ``alpha_at_zero``, ``planned_methods`` (phrases), ``training``, ``eval_table``,
+            ``chart_file``, ``auto_class``, ``install_command``, ``citation``, ...
         chart_file: File name of the chart the card shows (``None``: no chart).
         token: Used only to read the base model's license.
 

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .activation import CollapsibleActivation
-from .architectures import BlockKind, Layout, projection_shape
+from .architectures import BlockKind, Layout, MLPBlock, projection_shape
 from .injection import injected_activations
 from .plan import get_plan, record_block, set_module
 from .report import BlockReport, CollapseReport
@@ -190,6 +190,27 @@ def merged_block_costs(owner: nn.Module, layout: Layout,
     has_bias = (fc1.bias is not None or fc2.bias is not None or isinstance(fc2, Conv1D)
                 or (act is not None and (act.line is not None or act.affine is not None)))
     return block_costs(fc1, fc2, has_bias, block_gate(owner, layout))
+
+
+def unselected_rows(model: nn.Module, blocks: list[MLPBlock]) -> list[BlockReport]:
+    """Report rows of MLP blocks left as they are: ``"kept"`` (not selected), or ``"skipped"`` when merging would
+    not save parameters; α where the block is injected."""
+    injected = injected_activations(model)
+    rows = []
+    for block in blocks:
+        owner = model.get_submodule(block.name) if block.name else model
+        before, after, flops, _ = merged_block_costs(owner, block.layout, injected.get(block.name))
+        saves = after < before
+        status, reason = ("kept", "not selected") if saves else ("skipped", "merging would not save parameters")
+        alpha = injected[block.name].alpha_value if block.name in injected else None
+        rows.append(BlockReport(block.name, block.kind.value, alpha, status, reason, before, before, flops, flops))
+    return rows
+
+
+def in_model_order(model: nn.Module, rows: list[BlockReport]) -> list[BlockReport]:
+    """``rows`` sorted by where their blocks sit in ``model``."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(rows, key=lambda row: order.get(row.name, -1))
 
 
 def model_params(model: nn.Module) -> int:

@@ -211,10 +211,11 @@ class _CollapsedModelMixin:
                                                    **{**kwargs, "ignore_mismatched_sizes": True})
             mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
             plan_names = _plan_module_names(loaded)
-            if not any(k == n or k.startswith(n + ".") for k in mismatched for n in plan_names):
+            in_blocks = [k for k in mismatched if any(k == n or k.startswith(n + ".") for n in plan_names)]
+            if not in_blocks:
                 raise  # outside the blocks (a new head's num_labels): transformers' own advice fits
             raise LayerCollapseConfigError(
-                f"The checkpoint's weights {mismatched[:6]} do not have the shapes that its architecture and "
+                f"The checkpoint's weights {in_blocks[:6]} do not have the shapes that its architecture and "
                 "collapse plan expect: it is corrupt or belongs to another model; nothing was loaded."
             ) from err
         wrong = [k for k in list(info.get("missing_keys", [])) + [m[0] if isinstance(m, tuple) else m

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
@@ -55,14 +56,14 @@ from .collapse import (
     block_costs,
     block_gate,
     check_no_unmerged_adapters,
+    in_model_order,
     install_merged,
     merge_block,
     merge_projections,
-    merged_block_costs,
     model_params,
     projection_from,
+    unselected_rows,
 )
-from .injection import injected_activations
 from .plan import record_block, to_base_name
 from .report import BlockReport, CollapseReport
 
@@ -409,8 +410,9 @@ def _check_applicable(model: nn.Module, plan: CollapsePlan) -> None:
     for planned in plan.selected:
         try:
             owners[planned.name] = owner = model.get_submodule(planned.name) if planned.name else model
-            for part in (planned.layout.fc1, planned.layout.act, planned.layout.fc2):
-                owner.get_submodule(part)
+            for part in (planned.layout.fc1, planned.layout.act, planned.layout.fc2, planned.layout.gate):
+                if part is not None:
+                    owner.get_submodule(part)
         except AttributeError:
             raise ValueError(f"The plan's block {planned.name!r} ({planned.layout.fc1} → {planned.layout.fc2}) is not "
                              f"in this {type(model).__name__}: the plan belongs to another model.") from None
@@ -419,7 +421,8 @@ def _check_applicable(model: nn.Module, plan: CollapsePlan) -> None:
         if not isinstance(owners[planned.name].get_submodule(planned.layout.fc1), PROJECTIONS):
             raise ValueError(f"The plan's block {planned.name!r} is collapsed already: apply a plan once, to the model "
                              "it was made for.")
-        to_base_name(model, planned.name)
+        if isinstance(model, PreTrainedModel):  # record_block keeps a plan for transformers models only
+            to_base_name(model, planned.name)
 
 
 def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
@@ -427,18 +430,9 @@ def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
     report = CollapseReport(model_params_before=model_params(model))
     _check_applicable(model, plan)  # everything is validated before anything changes
     replacements = [(p, _replacement(model, p)) for p in plan.selected]
-    chosen, saving = {p.name for p in plan.selected}, {c.name for c in plan.candidates}
-    injected = injected_activations(model)
-    for block in find_mlp_blocks(model):  # the blocks the plan leaves, as collapse_model reports its kept blocks
-        if block.name in chosen:
-            continue
-        owner = model.get_submodule(block.name) if block.name else model
-        params, _, flops, _ = merged_block_costs(owner, block.layout)
-        status, reason = (("kept", "not selected by the plan") if block.name in saving
-                          else ("skipped", "merging would not save parameters"))
-        alpha = injected[block.name].alpha_value if block.name in injected else None
-        report.blocks.append(BlockReport(block.name, block.kind.value, alpha, status, reason, params, params, flops,
-                                         flops))
+    chosen = {p.name for p in plan.selected}
+    left = [MLPBlock(c.name, 0, c.layout) for c in plan.candidates if c.name not in chosen]
+    report.blocks += unselected_rows(model, left)  # the blocks the plan leaves (candidates save parameters)
     for planned, merged in replacements:
         owner = model.get_submodule(planned.name) if planned.name else model
         fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)
@@ -453,7 +447,6 @@ def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
                      method=planned.method)
         report.blocks.append(BlockReport(planned.name, planned.layout.kind.value, alpha, "collapsed",
                                          planned.method, before, after, flops_before, flops_after))
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    report.blocks.sort(key=lambda b: order.get(b.name, -1))
+    report.blocks = in_model_order(model, report.blocks)
     report.model_params_after = model_params(model)
     return report

@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 class BlockReport:
     """One MLP block in a :class:`CollapseReport`.
 
-    ``status`` is ``"collapsed"``, ``"kept"`` (α too far from 1) or ``"skipped"`` (merging would not save
-    parameters). FLOPs are multiply-adds × 2 per token of the block's projections.
+    ``status`` is ``"collapsed"``, ``"kept"`` (α too far from 1, or the block was not selected) or ``"skipped"``
+    (merging would not save parameters); ``reason`` says why, or, for a block the planner merged, its method. FLOPs are
+    multiply-adds × 2 per token of the block's projections.
     """
 
     name: str

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+from transformers import PreTrainedModel
 
 from .activation import CollapsibleActivation
-from .architectures import PROJECTIONS, BlockKind, Layout, MLPBlock
+from .architectures import PROJECTIONS, BlockKind, Layout, MLPBlock, join
 from .plan import base_prefix
 
 _PASS_THROUGH_OPS = {"dropout", "to", "contiguous", "view", "reshape", "clone", "float", "half", "bfloat16",
@@ -274,6 +275,9 @@ def trace_mlp_blocks(model: nn.Module, example_inputs: dict[str, torch.Tensor] |
     graph = _Graph(recorder.nodes, sizes)
     found: dict[str, Layout] = {}
     act_owner: dict[str, str] = {}  # activation -> "fc1 -> fc2" of the block it was first seen in
+    # a task head on top of a transformers base model can look like a block (ALBERT's pooler → tanh → classifier):
+    # it is none of the transformer's MLPs, and a checkpoint could not record it (plan names are relative to the base)
+    base = base_prefix(model) if isinstance(model, PreTrainedModel) else ""
     for node in recorder.nodes:
         if not _is_activation(node):
             continue
@@ -281,6 +285,9 @@ def trace_mlp_blocks(model: nn.Module, example_inputs: dict[str, torch.Tensor] |
         if block is None:
             continue
         prefix, layout = block
+        parts = (layout.fc1, layout.act, layout.fc2, *([layout.gate] if layout.gate else []))
+        if base and not all(join(prefix, part).startswith(base + ".") for part in parts):
+            continue
         act_name = f"{prefix}.{layout.act}" if prefix else layout.act
         # the same activation between other projections (a shared block such as ALBERT's reuses all three)
         owner = " -> ".join(f"{prefix}.{part}" if prefix else part for part in (layout.fc1, layout.fc2))
@@ -292,10 +299,4 @@ def trace_mlp_blocks(model: nn.Module, example_inputs: dict[str, torch.Tensor] |
         found.setdefault(prefix, layout)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = sorted(found, key=lambda n: order.get(n, len(order)))
-    blocks = [MLPBlock(name, 0, found[name]) for name in names]
-    # a task head on top of the base model can look like a block (ALBERT's pooler → tanh → classifier): it is not
-    # one of the transformer's MLPs, and a checkpoint could not record it (plan names are relative to the base model)
-    prefix = base_prefix(model)
-    if prefix:
-        blocks = [b for b in blocks if all(n.startswith(prefix + ".") for n in b.module_names[1:])]
-    return [MLPBlock(b.name, i, b.layout) for i, b in enumerate(blocks)]
+    return [MLPBlock(name, i, found[name]) for i, name in enumerate(names)]

@@ -163,10 +163,41 @@ def test_card_of_a_planner_collapsed_model_says_so(tmp_path: Path) -> None:
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert [(b.name, b.status) for b in build_collapse_report(reloaded).blocks] == rows
     text = hlc.render_model_card(reloaded).text
-    assert ("2 of its 3 MLP blocks were replaced by a single projection each, fitted on calibration data without "
-            "fine-tuning") in text
+    assert " ".join(text.split()).count("2 of its 3 MLP blocks were replaced by a single projection each, chosen on "
+                                        "calibration data without fine-tuning") == 1
     assert "calibration planner" in text and "Fine-tuning added" not in text
     assert ("relative least squares" in text) == ("relative_least_squares" in {p.method for p in plan.selected})
+
+
+def _prose(card) -> str:
+    return " ".join(card.text.split())
+
+
+def test_card_counts_every_block_and_describes_the_activation() -> None:
+    """With collapse_model's own report (which lists the injected blocks), the card still counts every MLP block of
+    the model; one block takes the singular; PReLU is described as the paper's activation, and a block merged by the
+    planner afterwards gets its own paragraph."""
+    torch.manual_seed(0)
+    model = hlc.get_collapse_model(tiny_model("bert"), hlc.LayerCollapseConfig(layers_to_transform=[1]))
+    hlc.injected_activations(model)["encoder.layer.1"].alpha.data.fill_(1.0)
+    report = hlc.collapse_model(model)
+    assert len(report.blocks) == 1
+    text = _prose(hlc.render_model_card(model, report))
+    assert "1 of its 2 MLP blocks was replaced by a single projection, after fine-tuning made it linear" in text
+    assert "which leaves the block as it was at α = 0" in text and "calibration planner" not in text
+    data = [{"input_ids": torch.randint(1, 90, (4, 10), generator=torch.Generator().manual_seed(i))}
+            for i in range(4)]
+    hlc.collapse_model(model, plan=hlc.plan_collapse(model, data, num_blocks=1, show_progress=False))
+    text = _prose(hlc.render_model_card(model))
+    assert "2 of its 2 MLP blocks were replaced by a single projection each (1 fine-tuned until linear and merged " \
+           "exactly, 1 chosen on calibration data without fine-tuning)" in text
+    assert "Fine-tuning added λ·Σ(1−α)²" in text and "The calibration planner" in text
+    prelu = hlc.get_collapse_model(tiny_model("bert"), hlc.LayerCollapseConfig(activation="prelu"))
+    for act in hlc.injected_activations(prelu).values():
+        act.alpha.data.fill_(1.0)
+    text = _prose(hlc.render_model_card(prelu, hlc.collapse_model(prelu)))
+    assert "the paper's PReLU of slope α, which replaces the original activation" in text
+    assert "leaves the block as it was" not in text
 
 
 def test_collapse_named_blocks(injected: tuple[Path, torch.nn.Module], tmp_path: Path,
