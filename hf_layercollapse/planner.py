@@ -283,6 +283,11 @@ def plan_collapse(
     if not 0 < holdout < 1:
         raise ValueError(f"holdout={holdout!r} must lie in (0, 1).")
     batches = calibration_batches(calibration_data, model, batch_size)
+    labelled = sum("labels" in b for b in batches)
+    if 0 < labelled < len(batches):
+        raise ValueError(f"{labelled} of the {len(batches)} calibration batches have labels: give labels in every "
+                         "batch (the task loss is measured) or in none (the language-modelling loss, or the change "
+                         "of the outputs).")
     split = max(1, min(len(batches) - 1, round(len(batches) * (1 - holdout)))) if len(batches) > 1 else 1
     fit_batches, eval_batches = batches[:split], (batches[split:] or batches)
     if len(batches) == 1:

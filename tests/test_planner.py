@@ -202,6 +202,10 @@ def test_bad_input():
         hlc.plan_collapse(model, [], num_blocks=1)
     with pytest.raises(ValueError, match="needs 'input_ids'"):
         hlc.plan_collapse(model, [{"text": ["hello"]}], num_blocks=1)
+    mixed = batches()
+    mixed[0]["labels"] = mixed[0]["input_ids"]
+    with pytest.raises(ValueError, match="1 of the 6 calibration batches have labels"):
+        hlc.plan_collapse(model, mixed, num_blocks=1, show_progress=False)
     with pytest.raises(ValueError, match="exactly one budget"):
         hlc.plan_collapse(model, batches(), num_blocks=1, max_loss_increase=0.1)
     with pytest.raises(ValueError, match="leave blocks"):
