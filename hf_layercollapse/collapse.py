@@ -289,7 +289,7 @@ def collapse_model(
                 "their non-linear part. Train longer (or raise reg_weight), or pass force=True."
             )
     check_no_unmerged_adapters(model, [(n, injected[n].layout) for n in names
-                                        if force or abs(1.0 - injected[n].alpha_value) <= threshold])
+                                       if force or abs(1.0 - injected[n].alpha_value) <= threshold])
     report = CollapseReport(model_params_before=model_params(model), threshold=threshold)
     for name in injected:
         report.blocks.append(_collapse_block(model, name, injected[name], name in names, threshold, force))
