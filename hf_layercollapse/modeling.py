@@ -268,24 +268,19 @@ def register_auto_classes(config_cls: type[PretrainedConfig]) -> None:
     processor classes (``AutoTokenizer`` reads a checkpoint's config when its ``tokenizer_config.json`` names no
     class, as bert-base-uncased's does not)."""
     base_cfg = config_cls.__mro__[1]
-    for mapping in _processor_mappings():
+    model_mappings = [auto._model_mapping for auto in _auto_classes()]
+    for mapping in _processor_mappings() + model_mappings:
         if config_cls in mapping._extra_content:
             continue
         try:
             value = mapping[base_cfg]
         except (KeyError, ImportError, AttributeError):
             continue
+        if any(mapping is m for m in model_mappings):  # a model class: its derived class rebuilds the plan
+            if not (isinstance(value, type) and issubclass(value, PreTrainedModel)):
+                continue
+            value = collapsed_model_class(value)
         mapping.register(config_cls, value, exist_ok=True)
-    for auto in _auto_classes():
-        mapping = auto._model_mapping
-        if config_cls in mapping._extra_content:
-            continue
-        try:
-            base_model = mapping[base_cfg]
-        except (KeyError, ImportError, AttributeError):
-            continue
-        if isinstance(base_model, type) and issubclass(base_model, PreTrainedModel):
-            mapping.register(config_cls, collapsed_model_class(base_model), exist_ok=True)
 
 
 def mark_model(model: PreTrainedModel) -> None:
