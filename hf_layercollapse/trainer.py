@@ -9,16 +9,19 @@ mixed precision and ``resume_from_checkpoint``. The mixin composes with other ``
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .activation import CollapsibleActivation
 from .collapse import collapse_model
@@ -78,8 +81,10 @@ class CollapseArguments:
     )
     progressive_order: str = field(
         default="deepest_first",
-        metadata={"help": "Order of the progressive stages: 'deepest_first' (the paper's), 'shallowest_first', or "
-                          "comma-separated block names (the keys of hf_layercollapse.injected_activations(model))."},
+        metadata={"help": "Order of the progressive stages: 'deepest_first' (the paper's), 'shallowest_first', "
+                          "'planned' (the calibration planner's ranking, cheapest first, of the model as it is when "
+                          "the first stage starts; needs the trainer's calibration_data), or comma-separated block "
+                          "names (the keys of hf_layercollapse.injected_activations(model))."},
     )
 
     def __post_init__(self) -> None:
@@ -97,7 +102,8 @@ class CollapseArguments:
             raise ValueError(f"progressive_steps={self.progressive_steps!r} and progressive_start="
                              f"{self.progressive_start!r} must be >= 0.")
         if not self.progressive_order.strip():
-            raise ValueError("progressive_order is empty: use 'deepest_first', 'shallowest_first' or block names.")
+            raise ValueError("progressive_order is empty: use 'deepest_first', 'shallowest_first', 'planned' or "
+                             "block names.")
         if not self.progressive_steps and (self.progressive_start or self.progressive_order != "deepest_first"):
             raise ValueError("progressive_start and progressive_order need progressive_steps > 0 (the length of "
                              "each block's stage).")
@@ -124,19 +130,26 @@ class ProgressiveSchedule(TrainerCallback):
     ``c``, an affine target's map), at their values when training started. Held parameters get no gradient — also
     not in gradient clipping — so the optimizer leaves them and their state alone. The change happens in
     ``on_optimizer_step``: every callback's ``on_step_end`` at step ``start + k·S`` sees k blocks at α = 1.
-    Injected blocks left out of a named order are held at their initial α throughout.
+    Injected blocks left out of a named order are held at their initial α throughout. With
+    ``progressive_order="planned"`` the order is the calibration planner's ranking of the blocks, cheapest first, on
+    the trainer's ``calibration_data`` and the model as it is when the first stage starts; it is saved with each
+    checkpoint (``layercollapse_progressive_order.json``), so a resumed run follows the same order.
     """
+
+    ORDER_FILE = "layercollapse_progressive_order.json"
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.args = trainer.collapse_args
+        self.planned = self.args.progressive_order.strip() == "planned"
+        self.chosen = not self.planned  # a planned order is chosen when the first stage starts
         self.names = self._ordered_names(list(injected_activations(trainer.model)))
         self._resolve(trainer.model)
 
     def _ordered_names(self, available: list[str]) -> list[str]:
         order = self.args.progressive_order.strip()
-        if order in ("deepest_first", "shallowest_first"):
-            return available[::-1] if order == "deepest_first" else available
+        if order in ("deepest_first", "shallowest_first", "planned"):  # planned: replaced when the first stage starts
+            return available if order == "shallowest_first" else available[::-1]
         names = [n.strip() for n in order.split(",") if n.strip()]
         unknown = [n for n in names if n not in available]
         if unknown or len(set(names)) != len(names):
@@ -168,6 +181,13 @@ class ProgressiveSchedule(TrainerCallback):
         return self.blocks + self.unscheduled
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not self.chosen and state.global_step > self.args.progressive_start:
+            raise ValueError(
+                f"Resuming at step {state.global_step}, after the planned progressive order was chosen (step "
+                f"{self.args.progressive_start}), from a checkpoint without {self.ORDER_FILE}: the order cannot be "
+                "known. Resume from a checkpoint this version of LayerCollapseTrainer saved, or name the order in "
+                "progressive_order."
+            )
         self._resolve(self.trainer.model)
         end = self.args.progressive_start + len(self.blocks) * self.args.progressive_steps
         if state.max_steps and end > state.max_steps:
@@ -190,6 +210,48 @@ class ProgressiveSchedule(TrainerCallback):
             if i >= finished:  # a linear block's c (or affine target) trains: it is the block now
                 for target in act.target_parameters():
                     target.grad = None
+
+    def set_order(self, names: list[str]) -> None:
+        """Run the stages in the order ``names`` (a planned order, chosen or read back from a checkpoint)."""
+        initial = dict(zip(map(id, self._all()), self.initial))  # the held values, whatever the order
+        self.names = names
+        self._resolve(self.trainer.model)
+        self.initial = [initial[id(act)] for act in self._all()] if initial else []
+        self.chosen = True
+
+    def _choose_planned_order(self) -> list[str]:
+        """The planner's ranking of the injected blocks, cheapest first, on the trainer's calibration data (blocks
+        whose merge saves nothing go last, deepest first). Under ``torch.distributed`` rank 0's ranking is used."""
+        from .planner import plan_collapse
+
+        model, available = self.trainer.model, list(injected_activations(self.trainer.model))
+        plan = plan_collapse(model, self.trainer.calibration_data, num_blocks=1, show_progress=False)
+        ranked = [c.name for c in sorted(plan.candidates, key=lambda c: c.cost) if c.name in available]
+        names = ranked + [n for n in available[::-1] if n not in ranked]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            box = [names]
+            torch.distributed.broadcast_object_list(box, src=0)
+            names = box[0]
+        return names
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.chosen and state.global_step >= self.args.progressive_start:
+            self.set_order(self._choose_planned_order())
+            logger.info("progressive schedule: the planner's order at step %d is %s", state.global_step, self.names)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.planned and self.chosen and state.is_world_process_zero:  # a resumed run must follow the same order
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if folder.is_dir():
+                tmp = folder / (self.ORDER_FILE + ".tmp")
+                tmp.write_text(json.dumps({"progressive_order": self.names}) + "\n")
+                os.replace(tmp, folder / self.ORDER_FILE)
+
+    def load_order(self, checkpoint: str) -> None:
+        """On resuming: the planned order the checkpoint's run chose, if it had chosen one."""
+        path = Path(checkpoint) / self.ORDER_FILE
+        if self.planned and path.is_file():
+            self.set_order(json.loads(path.read_text())["progressive_order"])
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.drop_held_gradients(state.global_step)
@@ -283,7 +345,11 @@ class LayerCollapseTrainerMixin:
         self.collapse_report: CollapseReport | None = None
         if self.collapse_args.clamp_alpha:
             self.add_callback(_ClampAlphaCallback(self))
+        self.calibration_data = calibration_data
         self.progressive: ProgressiveSchedule | None = None
+        if self.collapse_args.progressive_order.strip() == "planned" and calibration_data is None:
+            raise ValueError("progressive_order='planned' ranks the blocks with plan_collapse on calibration data: "
+                             "pass LayerCollapseTrainer(..., calibration_data=...) (a few hundred training examples).")
         if self.collapse_args.progressive_steps:
             if self.is_deepspeed_enabled:
                 raise ValueError("progressive_steps is not supported with DeepSpeed (it partitions α, so α cannot be "
@@ -296,6 +362,11 @@ class LayerCollapseTrainerMixin:
                                  "on every process: use DDP, or leave calibration_data out under FSDP / DeepSpeed.")
             check_refittable(self.model)
             self.add_callback(RefitTargets(self, calibration_data))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.progressive is not None:  # a planned order chosen before the checkpoint was saved
+            self.progressive.load_order(resume_from_checkpoint)
 
     # ----------------------------------------------------------------------------------------------- schedule
     def current_reg_weight(self) -> float:

@@ -471,6 +471,60 @@ def test_progressive_schedule_resumes_exactly(tmp_path):
     assert [v.item() for k, v in full.items() if k.endswith(".alpha")] == [1.0, 1.0, 1.0]
 
 
+def planned_run(out, max_steps=8, resume=None, callbacks=None, **kwargs):
+    """3 affine blocks, 2 warm-up steps, then 2 steps per block in the planner's order."""
+    batches = [{"input_ids": torch.stack([d["input_ids"] for d in classification_data(16)[i:i + 8]])}
+               for i in (0, 8)]
+    model = hlc.get_collapse_model(bert_classifier_3_blocks(), hlc.LayerCollapseConfig(linear_target="affine"),
+                                   calibration_data=batches)
+    collapse_args = hlc.CollapseArguments(progressive_steps=2, progressive_start=2, progressive_order="planned",
+                                          alpha_learning_rate=0.2)
+    args = training_args(out, max_steps=max_steps, per_device_train_batch_size=4, optim="adamw_torch",
+                         learning_rate=1e-2, **kwargs)
+    trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=classification_data(),
+                                       collapse_args=collapse_args, calibration_data=batches, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer, batches
+
+
+def test_planned_progressive_order_is_the_planners_ranking_when_the_first_stage_starts(tmp_path):
+    """The order is plan_collapse's ranking (cheapest first) of the model as the warm-up left it: the same ranking
+    a copy of the run stopped after the warm-up gives; the stages then follow it."""
+    warm, _, batches = planned_run(tmp_path / "warm", callbacks=[StopAt(2)])
+    plan = hlc.plan_collapse(warm, batches, num_blocks=1, show_progress=False)
+    expected = [c.name for c in sorted(plan.candidates, key=lambda c: c.cost)]
+    history: list[dict[str, float]] = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            history.append({n: a.alpha_value for n, a in hlc.injected_activations(model).items()})
+
+    model, trainer, _ = planned_run(tmp_path / "full", callbacks=[Record()])
+    assert trainer.progressive.names == expected
+    assert expected != list(hlc.injected_activations(model))[::-1]  # not deepest first: the test tells them apart
+    alphas = {name: [step[name] for step in history] for name in expected}
+    for stage, name in enumerate(expected):  # block `stage` of the order reaches 1 at the end of its stage
+        end = 2 + 2 * (stage + 1)
+        assert alphas[name][end - 1] == 1.0 and all(a < 1.0 for a in alphas[name][:end - 2])
+    with pytest.raises(ValueError, match="progressive_order='planned' ranks the blocks"):
+        hlc.LayerCollapseTrainer(model=model, args=training_args(tmp_path), train_dataset=classification_data(),
+                                 collapse_args=hlc.CollapseArguments(progressive_steps=1, progressive_order="planned"))
+
+
+def test_planned_progressive_order_resumes_exactly(tmp_path):
+    """The chosen order is saved with each checkpoint and read back on resuming; without it, resuming is refused."""
+    def run(out, resume=None, callbacks=None):
+        model, _, _ = planned_run(out, resume=resume, callbacks=callbacks, save_strategy="steps", save_steps=3)
+        return state(model)
+
+    resumed_like_full_run(tmp_path, run, step=3)
+    saved = tmp_path / "part" / "checkpoint-3" / "layercollapse_progressive_order.json"
+    assert len(json.loads(saved.read_text())["progressive_order"]) == 3
+    saved.unlink()
+    with pytest.raises(ValueError, match=r"without layercollapse_progressive_order\.json"):
+        run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-3"))
+
+
 class LinesAtStepBegin(TrainerCallback):
     """Each block's fitted line at the start of every step, and the line a fit of the model as it is then gives."""
 
