@@ -316,10 +316,11 @@ def _alpha_trajectory(path: Path) -> list[list[float]]:
     return [[v for k, v in sorted(entry.items()) if k.startswith("alpha/")] for entry in logs]
 
 
-@pytest.mark.parametrize("progressive_steps", [0, 2], ids=["all-blocks", "progressive"])
-def test_two_processes_under_accelerate_launch_match_one_process(tmp_path, progressive_steps):
+@pytest.mark.parametrize(("progressive_steps", "planned"), [(0, False), (2, False), (1, True)],
+                         ids=["all-blocks", "progressive", "planned-order"])
+def test_two_processes_under_accelerate_launch_match_one_process(tmp_path, progressive_steps, planned):
     single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
-    schedule = ["--progressive_steps", str(progressive_steps)]
+    schedule = ["--progressive_steps", str(progressive_steps)] + (["--planned"] if planned else [])
     subprocess.run([sys.executable, str(SCRIPT), str(single), "--per_device_batch", "8", *schedule], check=True,
                    capture_output=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -332,8 +333,11 @@ def test_two_processes_under_accelerate_launch_match_one_process(tmp_path, progr
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(ddp.read_text())["world_size"] == 2
     expected, got = _alpha_trajectory(single), _alpha_trajectory(ddp)
-    assert len(expected) == 4 and expected[-1][0] > (0.2 if progressive_steps else 0.3)
-    if progressive_steps:  # α used by each step's forward: layer.1 (deepest) moves in steps 1-2, then held at 1;
+    assert len(expected) == 4 and (planned or expected[-1][0] > (0.2 if progressive_steps else 0.3))
+    if planned:  # α used by each step's forward: a warm-up step, one step per block in the planner's order
+        assert expected[:2] == [[0.0, 0.0], [0.0, 0.0]] and sorted(expected[2]) == [0.0, 1.0]
+        assert expected[3] == [1.0, 1.0]
+    elif progressive_steps:  # α used by each step's forward: layer.1 (deepest) moves in steps 1-2, then held at 1;
         assert [step[1] for step in expected[2:]] == [1.0, 1.0]  # layer.0 held at 0 until its stage (steps 3-4)
         assert expected[1][1] > 0 and expected[2][0] == 0.0
     assert len(got) == len(expected)

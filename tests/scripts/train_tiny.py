@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fsdp", default="")
     parser.add_argument("--progressive_steps", type=int, default=0)
+    parser.add_argument("--planned", action="store_true", help="progressive_order='planned' after 1 warm-up step")
     args = parser.parse_args()
     logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -46,9 +47,13 @@ def main() -> None:
         fsdp=args.fsdp, use_cpu=True,
         fsdp_config={"use_orig_params": True, "min_num_params": 0} if args.fsdp else None,
     )
+    schedule = {"progressive_start": 1, "progressive_order": "planned"} if args.planned else {}
+    calibration = [{"input_ids": torch.stack([d["input_ids"] for d in data[i:i + 8]])} for i in (0, 8)]
     trainer = hlc.LayerCollapseTrainer(model=model, args=training, train_dataset=data,
                                        collapse_args=hlc.CollapseArguments(alpha_learning_rate=0.3,
-                                                                           progressive_steps=args.progressive_steps))
+                                                                           progressive_steps=args.progressive_steps,
+                                                                           **schedule),
+                                       calibration_data=calibration if args.planned else None)
     trainer.train()
     if trainer.is_world_process_zero():
         logs = [{k: v for k, v in entry.items() if k.startswith("alpha/") or k in ("loss", "reg_loss", "step")}
