@@ -250,8 +250,17 @@ class ProgressiveSchedule(TrainerCallback):
     def load_order(self, checkpoint: str) -> None:
         """On resuming: the planned order the checkpoint's run chose, if it had chosen one."""
         path = Path(checkpoint) / self.ORDER_FILE
-        if self.planned and path.is_file():
-            self.set_order(json.loads(path.read_text())["progressive_order"])
+        if not (self.planned and path.is_file()):
+            return
+        available = list(injected_activations(self.trainer.model))
+        try:
+            names = json.loads(path.read_text())["progressive_order"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            names = None
+        if not isinstance(names, list) or sorted(names) != sorted(available):
+            raise ValueError(f"{path} does not hold an order of this model's blocks {available}: it is corrupt or "
+                             "comes from another model's run.")
+        self.set_order(names)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.drop_held_gradients(state.global_step)

@@ -524,6 +524,9 @@ def test_planned_progressive_order_resumes_exactly(tmp_path):
     resumed_like_full_run(tmp_path, run, step=3)
     saved = tmp_path / "part" / "checkpoint-3" / "layercollapse_progressive_order.json"
     assert len(json.loads(saved.read_text())["progressive_order"]) == 3
+    saved.write_text(json.dumps({"progressive_order": ["bert.encoder.layer.9"]}))
+    with pytest.raises(ValueError, match="does not hold an order of this model's blocks"):
+        run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-3"))
     saved.unlink()
     with pytest.raises(ValueError, match=r"without layercollapse_progressive_order\.json"):
         run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-3"))
