@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# the offline assets and metric modules live with the examples (they are not part of the installed library)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def environment() -> dict:

@@ -44,6 +44,7 @@ import random
 import tempfile
 import time
 
+import offline_assets as assets
 import torch
 from common import RESULTS, environment, markdown_table, new_plot, save_plot
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -51,7 +52,6 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
 from hf_layercollapse.collapse import model_params
 
 HELDOUT_PLAY, CALIBRATION_PLAY = "macbeth", "hamlet"

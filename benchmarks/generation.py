@@ -5,7 +5,7 @@
 
 A ``GPT2LMHeadModel`` built from a ``GPT2Config`` (4 blocks, n_embd 256, n_inner 1024, 128 positions, tied
 embeddings, no dropout) is pretrained from scratch on 38 Shakespeare texts, tokenised with the real GPT-2 tokenizer
-(50,257 tokens, from ``hf_layercollapse.assets``); the perplexity is measured on fixed windows of the held-out
+(50,257 tokens, from ``examples/offline_assets.py``); the perplexity is measured on fixed windows of the held-out
 plays (Hamlet, Julius Caesar, The Tempest, Twelfth Night). Then, for k = 0..n_layer collapsed MLP blocks:
 
 * LayerCollapse (ours): the pretrained model with every block injected (blend activation), fine-tuned by
@@ -36,6 +36,7 @@ import statistics
 import tempfile
 import time
 
+import offline_assets as assets
 import torch
 from common import RESULTS, environment, markdown_table, new_plot, save_plot
 from transformers import (
@@ -49,7 +50,6 @@ from transformers import (
 from transformers.utils import logging
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
 from hf_layercollapse.collapse import model_params
 
 PROMPT = "Ham.\nTo be, or not to be,--that is the question:--\n"

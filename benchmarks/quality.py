@@ -39,6 +39,7 @@ import statistics
 import tempfile
 import time
 
+import offline_assets as assets
 import torch
 from common import RESULTS, environment, markdown_table, new_plot, save_plot
 from torch import nn
@@ -53,7 +54,6 @@ from transformers import (
 from transformers.utils import logging
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
 from hf_layercollapse.collapse import model_params
 
 NUM_BLOCKS = 6

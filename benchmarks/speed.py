@@ -15,12 +15,12 @@ import argparse
 import statistics
 import time
 
+import offline_assets as assets
 import torch
 from common import write_results
 from transformers import AutoModel
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
 
 
 def flops_per_token(model, seq: int) -> int:

@@ -20,13 +20,13 @@ import statistics
 import tempfile
 import time
 
+import offline_assets as assets
 import torch
 from common import write_results
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
 
 
 class StepTimer(TrainerCallback):

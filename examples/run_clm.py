@@ -3,9 +3,9 @@
 
 Defaults: ``gpt2`` on WikiText-2 (``load_dataset("wikitext", "wikitext-2-raw-v1")``, needs the Hub). With
 ``--offline_demo`` (or ``examples/configs/clm_offline.json``) it runs without the Hub: a small GPT-2 (4 blocks,
-d=128) built from its config and trained from scratch on Shakespeare (``hf_layercollapse.assets.load_shakespeare``;
+d=128) built from its config and trained from scratch on Shakespeare (``offline_assets.load_shakespeare``;
 validation = Hamlet, Julius Caesar, The Tempest, Twelfth Night) with the real GPT-2 tokenizer
-(``hf_layercollapse.assets.gpt2_tokenizer_dir()``).
+(``offline_assets.gpt2_tokenizer_dir()``).
 
 The story: evaluate (perplexity, next-token accuracy) → train with ``LayerCollapseTrainer`` → collapse the blocks
 whose α reached the threshold → evaluate → ``save_model`` → reload with
@@ -44,6 +44,7 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+import offline_assets as assets
 import torch
 import transformers
 from datasets import DatasetDict, load_dataset
@@ -56,6 +57,7 @@ from layercollapse_utils import (
     run_layercollapse,
     use_cpu_for_multi_process_without_gpu,
 )
+from metrics import load_metric
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -67,8 +69,6 @@ from transformers import (
 )
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
-from hf_layercollapse.metrics import load_metric
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 Defaults: ``google/vit-base-patch16-224-in21k`` on ``beans`` (needs the Hub). With ``--offline_demo`` (or
 ``examples/configs/image_classification_offline.json``) it runs without the Hub: a small ViT (4 blocks, d=64,
 28×28 images in 4×4 patches) built from its config and trained from scratch on Fashion-MNIST
-(``hf_layercollapse.assets.load_fashion_mnist``), with a ``ViTImageProcessor`` built here. Images are prepared with
+(``offline_assets.load_fashion_mnist``), with a ``ViTImageProcessor`` built here. Images are prepared with
 the image processor alone (PIL; torchvision is not needed).
 
 The story: evaluate → train with ``LayerCollapseTrainer`` → collapse the blocks whose α reached the threshold →
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import offline_assets as assets
 import torch
 import transformers
 from datasets import ClassLabel, DatasetDict, load_dataset
@@ -51,6 +52,7 @@ from layercollapse_utils import (
     run_layercollapse,
     use_cpu_for_multi_process_without_gpu,
 )
+from metrics import load_metric
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -61,8 +63,6 @@ from transformers import (
 )
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
-from hf_layercollapse.metrics import load_metric
 
 try:  # transformers >= 5: the PIL backend of ViTImageProcessor (the default one needs torchvision)
     from transformers import ViTImageProcessorPil as ViTImageProcessor

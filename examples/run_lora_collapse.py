@@ -2,8 +2,8 @@
 """LoRA + LayerCollapse: fine-tune a classifier with LoRA adapters and the α of LayerCollapse while every base
 weight stays frozen, then merge LoRA, collapse the blocks whose α reached 1, and save one compact checkpoint.
 
-Runs offline on the embedded assets: all-MiniLM-L6-v2 (``hf_layercollapse.assets.minilm_path()``) on the binary
-tweet sentiment corpus (``hf_layercollapse.assets.load_tweets()``), evaluated on a fixed test split.
+Runs offline on the embedded assets: all-MiniLM-L6-v2 (``offline_assets.minilm_path()``) on the binary
+tweet sentiment corpus (``offline_assets.load_tweets()``), evaluated on a fixed test split.
 
 The story:
 
@@ -36,7 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import offline_assets as assets
 import torch
+from metrics import load_metric
 from peft import LoraConfig
 from torch.utils.data import DataLoader
 from transformers import (
@@ -48,8 +50,6 @@ from transformers import (
 )
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
-from hf_layercollapse.metrics import load_metric
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 
 Defaults: ``bert-base-uncased`` on GLUE SST-2 (``load_dataset("glue", "sst2")``, needs the Hub). With
 ``--offline_demo`` (or ``examples/configs/text_classification_offline.json``) it runs without the Hub on the
-embedded assets: all-MiniLM-L6-v2 (``hf_layercollapse.assets.minilm_path()``) on the binary tweet sentiment
-corpus (``hf_layercollapse.assets.load_tweets``), evaluated on a fixed 1,000-tweet test split.
+embedded assets: all-MiniLM-L6-v2 (``offline_assets.minilm_path()``) on the binary tweet sentiment
+corpus (``offline_assets.load_tweets``), evaluated on a fixed 1,000-tweet test split.
 
 The story: evaluate → fine-tune with ``LayerCollapseTrainer`` (α of the chosen blocks pulled towards 1) →
 collapse the blocks whose α reached the threshold → evaluate → ``save_model`` → reload with
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import offline_assets as assets
 import transformers
 from datasets import ClassLabel, DatasetDict, load_dataset
 from layercollapse_utils import (
@@ -52,6 +53,7 @@ from layercollapse_utils import (
     run_layercollapse,
     use_cpu_for_multi_process_without_gpu,
 )
+from metrics import load_metric
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -62,8 +64,6 @@ from transformers import (
 )
 
 import hf_layercollapse as hlc
-from hf_layercollapse import assets
-from hf_layercollapse.metrics import load_metric
 
 logger = logging.getLogger(__name__)
 

@@ -2,28 +2,39 @@
 
 Make the MLP blocks of any Transformers model collapsible, fine-tune them towards linear, and merge them into
 single projections: fewer parameters, fewer FLOPs, checkpoints that load with ``from_pretrained``.
+
+The layers of the package, from the bottom: ``modules``, ``statistics``, ``report`` (shared helpers) → ``units``
+(what can collapse) → ``merging`` → ``targets`` (what a unit becomes at α = 1) → ``activation`` (the injected
+module) → ``calibration`` → ``config`` → ``record`` → ``checkpoint`` (saving and loading) → ``inject`` /
+``collapse`` → ``planner`` → ``peft`` → ``trainer`` → ``card`` → ``hub`` → ``cli``. Importing this package registers
+the checkpoint format with transformers' Auto classes and the LayerCollapse method with PEFT.
 """
 
-__version__ = "0.1.0"
-
-from .activation import CollapsibleActivation
-from .architectures import BlockKind, MLPBlock, find_mlp_blocks
+from .activation import CollapsibleActivation, injected_activations
 from .card import build_collapse_report, render_model_card
-from .collapse import collapse_model, merge_projections
-from .config import LayerCollapseConfig
+from .checkpoint import MODEL_TYPE
+from .collapse import collapse_model
+from .errors import LayerCollapseConfigError
 from .hub import push_to_hub, save_for_hub
-from .injection import get_collapse_model, injected_activations, refit_linear_targets, regularization_loss
-from .modeling import MODEL_TYPE, LayerCollapseConfigError
-from .peft_integration import (
+from .inject import get_collapse_model, refit_linear_targets, regularization_loss
+from .merging import merge_projections
+from .peft import (
+    LayerCollapseConfig,
     LayerCollapseLayer,
     LayerCollapseModel,
     calibrate_linear_targets,
     get_lora_collapse_model,
     merge_lora_and_collapse,
+    register_peft_method,
 )
 from .planner import CollapsePlan, plan_collapse
+from .record import CollapseRecord
 from .report import BlockReport, CollapseReport
 from .trainer import CollapseArguments, LayerCollapseTrainer, LayerCollapseTrainerMixin
+from .units import BlockKind, MLPBlock, Unit, find_mlp_blocks
+from .version import __version__
+
+register_peft_method()
 
 __all__ = [
     "MODEL_TYPE",
@@ -31,6 +42,7 @@ __all__ = [
     "BlockReport",
     "CollapseArguments",
     "CollapsePlan",
+    "CollapseRecord",
     "CollapseReport",
     "CollapsibleActivation",
     "LayerCollapseConfig",
@@ -40,6 +52,7 @@ __all__ = [
     "LayerCollapseTrainer",
     "LayerCollapseTrainerMixin",
     "MLPBlock",
+    "Unit",
     "__version__",
     "build_collapse_report",
     "calibrate_linear_targets",

@@ -1,186 +1,66 @@
-"""`CollapsibleActivation`: an MLP activation with a learnable pull towards the identity."""
+"""The module that makes a unit collapsible: α and a linear target, in the place of the unit's activation.
+
+:class:`CollapsibleModule` holds what every host of an injected unit shares — the regulariser term ``(1−α)²``
+computed inside ``forward`` (so that it stays correct under DDP, FSDP and ZeRO-3, where parameters must not be read
+outside the forward pass), α as seen by the last forward, and the dispatch to the target. :class:`CollapsibleActivation`
+is the host of :func:`~hf_layercollapse.get_collapse_model` and of checkpoints (one α, one target); the PEFT layer
+(:class:`~hf_layercollapse.peft.LayerCollapseLayer`) is the host with one α and one target per adapter.
+:func:`inject_unit` is the one builder of an injected unit, for injection and loading alike.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .config import ACTIVATIONS
+from .modules import WrappedActivation, set_module
+from .targets import Identity, LinearTarget
+from .units import Layout, Unit
 
 
-class CollapsibleActivation(nn.Module):
-    """Wraps an MLP block's activation and adds one learnable scalar α (shape ``(1,)``).
+class CollapsibleModule(WrappedActivation):
+    """Base of the modules that host an injected unit (see the module docstring).
 
-    * ``mode="blend"``: ``α·x + (1−α)·act(x)``; α = 0 is exactly the wrapped activation.
-    * ``mode="prelu"``: PReLU with slope α on the negative side (the paper's choice; replaces ``act``).
-
-    On a gated MLP block (``down(act(gate(x)) * up(x))``) the module wraps the gate's activation and blends it
-    towards a learnable constant ``c`` (``gate_constant``, one value per intermediate channel):
-    ``(1−α)·act(g) + α·c``; at α = 1 the block is ``down(c * up(x))``, one affine map.
-
-    A plain block may blend towards a fitted per-channel line instead of the identity (``line=(slope, offset)``,
-    fixed buffers; ``LayerCollapseConfig(linear_target="fitted")``): ``(1−α)·act(z) + α·(slope·z + offset)``.
-
-    Any block, plain or gated, may instead blend its whole output towards an affine map of its input
-    (``affine=(weight, bias)``, learnable ``affine_weight`` ``[out, in]`` and ``affine_bias``;
-    ``LayerCollapseConfig(linear_target="affine")``): the block computes ``(1−α)·block(x) + α·(weight·x + bias)``,
-    and at α = 1 it is that map. The activation itself is then left as it is: ``forward`` computes the map of the
-    block input ``x`` (seen by a hook on the input and gate projections) and a hook on the output projection blends
-    it in (:meth:`attach` registers the hooks), so the map's parameters, like α, are only read inside ``forward``.
-
-    In both modes α = 1 is linear (plain blocks), so the block around it becomes one affine map that
-    :func:`hf_layercollapse.collapse_model` merges. ``alpha`` has shape ``(1,)`` because FSDP rejects 0-dim
-    parameters. The regulariser term ``(1−α)²`` is computed inside ``forward`` (see
-    :func:`hf_layercollapse.regularization_loss`), which keeps it correct under DDP, FSDP and ZeRO-3, where
-    parameters must not be read outside the forward pass.
-
-    Args:
-        activation: The original activation module (kept, so ``mode="blend"`` and un-injecting are exact).
-        mode: ``"blend"`` or ``"prelu"``.
-        init_alpha: Initial value of α.
-        gate_constant: Gated blocks: the initial ``c``.
-        line: Plain blocks, ``mode="blend"``: ``(slope, offset)`` of the line blended towards (default: identity).
-        affine: ``mode="blend"``: ``(weight [out, in], bias [out])``, the initial affine map the block's output is
-            blended towards (call :meth:`attach` with the block's projections).
-
-    Example:
-        >>> import torch
-        >>> from hf_layercollapse import CollapsibleActivation
-        >>> act = CollapsibleActivation(torch.nn.GELU(), mode="blend", init_alpha=0.0)
-        >>> x = torch.randn(4)
-        >>> torch.equal(act(x), torch.nn.functional.gelu(x))
-        True
-        >>> _ = act.alpha.data.fill_(1.0)
-        >>> torch.equal(act(x), x)
-        True
+    Subclasses provide ``alpha`` (shape ``(1,)``: FSDP rejects 0-dim parameters), ``target``,
+    :meth:`target_tensors` and ``activation`` (the original activation).
     """
 
-    #: Gated blocks: ``c`` was fitted by least squares (``linear_target="fitted"``), not set to the mean; a refit
-    #: (:func:`~hf_layercollapse.refit_linear_targets`) follows the same rule. Recorded in the checkpoint's plan.
-    fitted_gate: bool = False
+    layout: Layout | None = None
+    alpha: torch.Tensor
+    target: LinearTarget
 
-    def __init__(self, activation: nn.Module, mode: str = "blend", init_alpha: float = 0.0,
-                 gate_constant: torch.Tensor | None = None,
-                 line: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        super().__init__()
-        if mode not in ACTIVATIONS:
-            raise ValueError(f"mode={mode!r} is not supported: use one of {ACTIVATIONS}.")
-        if gate_constant is not None and mode != "blend":
-            raise ValueError(f"mode={mode!r}: the gate of a gated MLP block can only be blended towards its constant "
-                             "(mode='blend').")
-        if line is not None and (mode != "blend" or gate_constant is not None):
-            raise ValueError("line=(slope, offset) is the target of a plain block's blend (mode='blend').")
-        if affine is not None and (mode != "blend" or gate_constant is not None or line is not None):
-            raise ValueError("affine=(weight, bias) is the target of a block's blend (mode='blend'), instead of a "
-                             "line or a gate constant.")
-        self.activation = activation
-        self.mode = mode
-        self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
-        # gated blocks: act(gate(x)) is blended towards a learnable constant c, one value per intermediate channel
-        self.gate_constant = None if gate_constant is None else nn.Parameter(gate_constant.detach().clone())
-        # plain blocks with a fitted target: fixed per-channel line slope·z + offset (saved with the model)
-        self.slope: torch.Tensor | None
-        self.offset: torch.Tensor | None
-        self.register_buffer("slope", None if line is None else line[0].detach().clone().reshape(-1))
-        self.register_buffer("offset", None if line is None else line[1].detach().clone().reshape(-1))
-        # any block with an affine target: the block's output is blended towards weight·x + bias (learnable)
-        self.affine_weight = None if affine is None else nn.Parameter(affine[0].detach().clone())
-        self.affine_bias = None if affine is None else nn.Parameter(affine[1].detach().clone().reshape(-1))
-        self._block_input: torch.Tensor | None = None  # the block input x seen by the input projection's hook
-        self._affine_target: tuple[torch.Tensor, torch.Tensor] | None = None  # (W·x + b, α) for the output hook
+    def _init_state(self) -> None:
         self._regularization_term: torch.Tensor | None = None
         self.last_alpha: torch.Tensor | None = None  # α seen by the latest forward (readable under FSDP)
+        self._unit_input: torch.Tensor | None = None  # unit-replacing targets: x, seen by the input projections
+        self._unit_output: tuple[torch.Tensor, torch.Tensor] | None = None  # (target output, α) for the output hook
+
+    def target_tensors(self) -> dict[str, torch.Tensor]:
+        """The target's tensors, by name (``gate_constant``, ``slope``/``offset``, ``affine_weight``/``_bias``)."""
+        raise NotImplementedError
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha
         self._regularization_term = (1.0 - alpha).square().sum()
         self.last_alpha = alpha.detach().clone()
-        alpha = alpha.to(hidden_states.dtype)
-        if self.mode == "prelu":
-            return torch.where(hidden_states >= 0, hidden_states, alpha * hidden_states)
-        if self.affine_weight is not None:  # the map is blended into the block's output by _blend_output
-            x, self._block_input = self._block_input, None
-            if x is None:
-                raise RuntimeError(f"{self._where()}: the activation ran before the block's input projection, so the "
-                                   "affine target has no input; use linear_target='fitted' for this architecture.")
-            dtype = hidden_states.dtype
-            target = F.linear(x.to(dtype), self.affine_weight.to(dtype), self.affine_bias.to(dtype))
-            self._affine_target = (target, alpha)
-            return self.activation(hidden_states)
-        # torch.lerp(a, b, w) = a + w·(b − a) in one kernel, exactly a at w = 0 and exactly b at w = 1
-        if self.gate_constant is not None:
-            return torch.lerp(self.activation(hidden_states), self.gate_constant.to(hidden_states.dtype), alpha)
-        if self.slope is not None:
-            dtype = hidden_states.dtype
-            target = torch.addcmul(self.offset.to(dtype), self.slope.to(dtype), hidden_states)
-            return torch.lerp(self.activation(hidden_states), target, alpha)
-        return torch.lerp(self.activation(hidden_states), hidden_states, alpha)
+        return self.target.blend(self, hidden_states, alpha.to(hidden_states.dtype))
 
-    def attach(self, input_projection: nn.Module, output_projection: nn.Module,
-               gate_projection: nn.Module | None = None) -> None:
-        """Affine targets: hook the block's input projection and a gated block's gate projection (to see ``x``, for
-        ``forward``) and its output projection (to blend its output towards ``affine_weight·x + affine_bias``). The
-        hooks are bound methods of this module, so a ``deepcopy`` of the model keeps them pointing at the copy's
-        activation; collapsing replaces the projections (and the hooks).
-
-        Example:
-            >>> import torch
-            >>> from hf_layercollapse import CollapsibleActivation
-            >>> fc1, fc2 = torch.nn.Linear(4, 16), torch.nn.Linear(16, 4)
-            >>> x = torch.randn(2, 4)
-            >>> block = fc2(torch.nn.functional.gelu(fc1(x)))
-            >>> act = CollapsibleActivation(torch.nn.GELU(), affine=(torch.eye(4), torch.zeros(4)))
-            >>> act.attach(fc1, fc2)
-            >>> torch.equal(fc2(act(fc1(x))), block)  # α = 0: the block
-            True
-            >>> _ = act.alpha.data.fill_(1.0)
-            >>> torch.equal(fc2(act(fc1(x))), x)  # α = 1: the map, here the identity
-            True
-        """
-        if self.affine_weight is None:
-            raise ValueError("attach() is for activations with an affine target (affine=(weight, bias)).")
-        inputs = [input_projection] + ([gate_projection] if gate_projection not in (None, input_projection) else [])
-        for projection in inputs:  # a gated block may run act(gate(x)) before up(x): x is seen by both
-            projection.register_forward_pre_hook(self._stash_input)
-        output_projection.register_forward_hook(self._blend_output)
-
-    def _where(self) -> str:
-        layout = getattr(self, "layout", None)
-        return (f"Block with an affine target ({layout.fc1} -> {layout.act} -> {layout.fc2})" if layout is not None
-                else "Block with an affine target")
-
-    def _stash_input(self, module: nn.Module, args: tuple) -> None:
-        self._block_input = args[0]
+    def _see_input(self, module: nn.Module, args: tuple) -> None:
+        self.target.on_input(self, args[0])
 
     def _blend_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        computed, self._affine_target, self._block_input = self._affine_target, None, None
-        if computed is None:
-            raise RuntimeError(f"{self._where()}: the output projection ran without the activation before it, so "
-                               "there is no affine target to blend in; use linear_target='fitted' for this "
-                               "architecture.")
-        target, alpha = computed
-        return torch.lerp(output, target.to(output.dtype), alpha.to(output.dtype))
+        return self.target.on_output(self, output)
 
-    @property
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(weight [out, in], bias)`` of the affine map the block's output is blended towards, or None."""
-        return None if self.affine_weight is None else (self.affine_weight, self.affine_bias)
+    def where(self) -> str:
+        """The unit, for error messages."""
+        layout = self.layout
+        return f"Block {' -> '.join(layout.parts)}" if layout is not None else "Block"
 
-    def target_parameters(self) -> list[nn.Parameter]:
-        """The learnable linear target besides α: a gated block's ``c`` or an affine target's weight and bias."""
-        params = [self.gate_constant, self.affine_weight, self.affine_bias]
-        return [p for p in params if p is not None]
-
-    def __getstate__(self) -> dict:
-        # the term recorded by the last forward is part of an autograd graph: it is not state (deepcopy, pickle)
-        state = dict(self.__dict__)
-        state["_regularization_term"] = None
-        state["last_alpha"] = None
-        state["_block_input"] = None
-        state["_affine_target"] = None
-        return state
+    def target_parameters(self) -> list[torch.Tensor]:
+        """The learnable tensors of the target besides α (a gated block's ``c``, an affine map)."""
+        return list(self.target_tensors().values()) if self.target.trainable else []
 
     def regularization_term(self) -> torch.Tensor:
         """``(1−α)²``: the term recorded by the latest forward pass (consumed), else computed from α now.
@@ -199,13 +79,90 @@ class CollapsibleActivation(nn.Module):
         """α as a Python float."""
         return float(self.alpha.detach().float().reshape(-1)[0])
 
-    def extra_repr(self) -> str:
-        extra = "" if self.gate_constant is None else f", gate_constant=[{self.gate_constant.numel()}]"
-        extra += "" if self.slope is None else f", line=[{self.slope.numel()}]"
-        extra += "" if self.affine_weight is None else f", affine={list(self.affine_weight.shape)}"
-        return f"mode={self.mode!r}, alpha={self.alpha_value:.4f}{extra}"
+    def __getstate__(self) -> dict:
+        # what the last forward recorded is part of an autograd graph: it is not state (deepcopy, pickle)
+        state = dict(self.__dict__)
+        state.update(_regularization_term=None, last_alpha=None, _unit_input=None, _unit_output=None)
+        return state
+
+
+class CollapsibleActivation(CollapsibleModule):
+    """Wraps a unit's activation with one learnable α (shape ``(1,)``) and a :class:`~hf_layercollapse.targets.
+    LinearTarget`: the unit computes ``(1−α)·(original) + α·(target)`` (the PReLU target: the paper's PReLU of slope
+    α), so α = 0 is exactly the original unit and α = 1 is linear, merged by :func:`~hf_layercollapse.collapse_model`.
+
+    Args:
+        activation: The original activation module (kept, so the blend and un-injecting are exact).
+        target: What the unit becomes at α = 1 (default: the identity, for a plain block).
+        init_alpha: Initial value of α.
+        tensors: The target's initial tensors by name (see ``target.tensor_names``); learnable parameters when the
+            target trains them, fixed buffers otherwise. Saved with the model.
+        layout: The unit's layout (needed by targets that replace the whole unit: :func:`inject_unit` sets it).
+
+    Example:
+        >>> import torch
+        >>> from hf_layercollapse import CollapsibleActivation
+        >>> act = CollapsibleActivation(torch.nn.GELU(), init_alpha=0.0)
+        >>> x = torch.randn(4)
+        >>> torch.equal(act(x), torch.nn.functional.gelu(x))
+        True
+        >>> _ = act.alpha.data.fill_(1.0)
+        >>> torch.equal(act(x), x)
+        True
+    """
+
+    def __init__(self, activation: nn.Module, target: LinearTarget | None = None, init_alpha: float = 0.0,
+                 tensors: Mapping[str, torch.Tensor] | None = None, layout: Layout | None = None) -> None:
+        super().__init__()
+        self.activation = activation
+        self.target = target if target is not None else Identity()
+        self.layout = layout
+        self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
+        tensors = dict(tensors or {})
+        if set(tensors) != set(self.target.tensor_names):
+            raise ValueError(f"The {self.target.name} target needs the tensors {list(self.target.tensor_names)}, got "
+                             f"{sorted(tensors)}.")
+        for name in self.target.tensor_names:
+            value = tensors[name].detach().clone()
+            if self.target.trainable:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+        self._init_state()
+
+    def target_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.target.tensor_names}
 
     @property
-    def line(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(slope, offset)`` of a plain block's fitted target, or None (the identity)."""
-        return None if self.slope is None else (self.slope, self.offset)
+    def mode(self) -> str:
+        """``"prelu"`` for the paper's PReLU, else ``"blend"``."""
+        return self.target.record()["mode"]
+
+    def extra_repr(self) -> str:
+        shapes = "".join(f", {name}={list(t.shape)}" for name, t in self.target_tensors().items())
+        return f"target={self.target.name!r}, alpha={self.alpha_value:.4f}{shapes}"
+
+
+def injected_activations(model: nn.Module) -> dict[str, CollapsibleModule]:
+    """Every injected unit's host module in ``model`` (:class:`CollapsibleActivation` or a PEFT LayerCollapse layer),
+    keyed by the unit's name."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CollapsibleModule):
+            act = module.layout.act
+            owner = name[: -len(act) - 1] if name.endswith("." + act) else ("" if name == act else name)
+            found[owner] = module
+    return found
+
+
+def inject_unit(model: nn.Module, unit: Unit, target: LinearTarget, tensors: Mapping[str, torch.Tensor],
+                init_alpha: float = 0.0) -> CollapsibleActivation:
+    """Wrap ``unit``'s activation in ``model`` by a :class:`CollapsibleActivation` towards ``target`` with ``tensors``
+    (on the unit's device and dtype), install it and attach the target's hooks; return it."""
+    owner, layout = unit.owner(model), unit.layout
+    weight = owner.get_submodule(layout.output).weight
+    host = CollapsibleActivation(owner.get_submodule(layout.act), target, init_alpha, tensors, layout)
+    host.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+    set_module(owner, layout.act, host)
+    target.attach(host, owner, layout)
+    return host

@@ -25,12 +25,14 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .architectures import PROJECTIONS, Layout, join, projection_shape, table_mlp_blocks
-from .collapse import block_costs, block_gate, in_model_order, model_params, unselected_rows
-from .injection import injected_activations
-from .modeling import INSTALL_HINT, _CollapsedModelMixin
-from .plan import base_prefix, get_plan, hub_model_id
+from .activation import injected_activations
+from .checkpoint import INSTALL_HINT, original_class
+from .collapse import in_model_order, model_params, unselected_rows
+from .modules import PROJECTIONS, base_prefix, join, projection_shape
+from .record import CollapseRecord, hub_model_id
 from .report import BlockReport, CollapseReport
+from .targets import target_for
+from .units import table_units
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +64,6 @@ _PIPELINE_TAGS = {
     "AutoModelForAudioClassification": "audio-classification", "AutoModelForObjectDetection": "object-detection",
     "AutoModelForZeroShotImageClassification": "zero-shot-image-classification",
 }
-# What a fine-tuned block became at α = 1, by the plan's linear_target (or the paper's PReLU) and the block's kind.
-_TRAINED_TARGETS = {
-    ("default", "plain"): "a plain block's activation is the identity, so the block is W₂·W₁ with b = W₂·b₁ + b₂",
-    ("default", "gated"): "a gated block's gate is a learnable constant c, so the block is W_down·diag(c)·W_up",
-    ("fitted", "plain"): ("each channel's activation in a plain block is its least-squares line a·z + b on "
-                          "calibration data, so the block is W₂·diag(a)·W₁ plus a bias"),
-    ("fitted", "gated"): ("a gated block's gate is a learnable constant c started at its least-squares fit on "
-                          "calibration data, so the block is W_down·diag(c)·W_up"),
-    ("affine", "plain"): ("the whole block is a learnable affine map W·x + b, started at its least-squares fit on "
-                          "calibration data"),
-    ("prelu", "plain"): "the PReLU of slope 1 is the identity, so the block is W₂·W₁ with b = W₂·b₁ + b₂",
-}
-_TRAINED_TARGETS["affine", "gated"] = _TRAINED_TARGETS["affine", "plain"]
 # What the collapsible activation is at α = 0, by activation.
 _AT_ZERO = {"blend": "which leaves the block as it was at α = 0",
             "prelu": "the paper's PReLU of slope α, which replaces the original activation (a ReLU at α = 0)"}
@@ -106,23 +95,21 @@ def default_template_path() -> Path:
                             "reinstall hf-layercollapse.")
 
 
-def require_plan(model: nn.Module) -> dict[str, Any]:
-    """The collapse plan of ``model``; a ``ValueError`` when the model was never injected or collapsed."""
-    plan = get_plan(model)
-    if not isinstance(model, PreTrainedModel) or not plan or not plan.get("blocks"):
+def require_record(model: nn.Module) -> CollapseRecord:
+    """The collapse record of ``model``; a ``ValueError`` when the model was never injected or collapsed."""
+    record = CollapseRecord.of(model) if isinstance(model, PreTrainedModel) else None
+    if record is None or not record.units:
         raise ValueError(
-            f"{type(model).__name__} is not a LayerCollapse model (its config has no 'layercollapse' plan): "
+            f"{type(model).__name__} is not a LayerCollapse model (its config has no 'layercollapse' record): "
             "inject it with get_collapse_model, fine-tune, and collapse it with collapse_model first."
         )
-    return plan
+    return record
 
 
 def _original_model(model: PreTrainedModel) -> PreTrainedModel:
     """The uncollapsed architecture of ``model``, built on the meta device (shapes only, no memory)."""
-    base_cls = next(c for c in type(model).__mro__
-                    if issubclass(c, PreTrainedModel) and not issubclass(c, _CollapsedModelMixin))
     with torch.device("meta"):
-        return base_cls(copy.deepcopy(model.config))
+        return original_class(model)(copy.deepcopy(model.config))
 
 
 
@@ -133,7 +120,7 @@ def projection_flops(model: nn.Module) -> int:
 
 
 def build_collapse_report(model: PreTrainedModel) -> CollapseReport:
-    """Rebuild the :class:`~hf_layercollapse.CollapseReport` of a collapsed model from its plan alone.
+    """Rebuild the :class:`~hf_layercollapse.CollapseReport` of a collapsed model from its record alone.
 
     Useful for a model loaded from a checkpoint, when the report of :func:`~hf_layercollapse.collapse_model` is
     gone. The "before" numbers come from the uncollapsed architecture rebuilt on the meta device, so they count
@@ -150,46 +137,44 @@ def build_collapse_report(model: PreTrainedModel) -> CollapseReport:
         >>> [(b.name, b.status) for b in report.blocks]
         [('encoder.layer.0', 'kept'), ('encoder.layer.1', 'collapsed')]
     """
-    plan = require_plan(model)
+    record = require_record(model)
     original = _original_model(model)
     prefix, live = base_prefix(model), injected_activations(model)
-    threshold = (plan.get("config") or {}).get("threshold")
+    threshold = record.threshold
     report = CollapseReport(model_params_before=model_params(original), model_params_after=model_params(model),
                             threshold=threshold)
-    for name, entry in plan["blocks"].items():
-        layout = Layout.from_dict(entry["layout"])
+    for name, entry in record.units.items():
         full = join(prefix, name)
-        if entry["state"] == "collapsed":
+        if entry.state == "collapsed":
             owner = original.base_model.get_submodule(name) if name else original.base_model
-            costs = block_costs(owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2),
-                                bool(entry.get("bias", True)), block_gate(owner, layout))
-            report.blocks.append(BlockReport(full, layout.kind.value, entry.get("alpha"), "collapsed",
-                                             entry.get("method", ""), *costs))
+            costs = entry.layout.costs(owner, entry.bias)
+            report.blocks.append(BlockReport(full, entry.layout.kind.value, entry.alpha, "collapsed",
+                                             entry.method or "", *costs))
             continue
         owner = model.get_submodule(full) if full else model
-        fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
-        params, _, flops, _ = block_costs(fc1, fc2, True, block_gate(owner, layout))
+        params, _, flops, _ = entry.layout.costs(owner, True)
         alpha = live[full].alpha_value if full in live else None
         reason = "not collapsed"
         if alpha is not None and threshold is not None and abs(1 - alpha) > threshold:
             reason = f"|1-α| = {abs(1 - alpha):.4f} > {threshold}"
-        report.blocks.append(BlockReport(full, layout.kind.value, alpha, "kept", reason, params, params, flops, flops))
+        report.blocks.append(BlockReport(full, entry.layout.kind.value, alpha, "kept", reason, params, params, flops,
+                                         flops))
     reported = {b.name for b in report.blocks}  # + the blocks never injected (layers_to_transform, a plan's choice)
     # (from the table on the uncollapsed architecture; a model type outside it would need tracing, a forward pass)
-    never = [b for b in table_mlp_blocks(original) or [] if b.name not in reported]
+    never = [u for u in table_units(original) or [] if u.name not in reported]
     report.blocks = in_model_order(model, report.blocks + unselected_rows(model, never))
     return report
 
 
 def report_covers_plan(report: CollapseReport, model: PreTrainedModel) -> bool:
-    """Whether ``report`` lists exactly the blocks that the model's plan says are collapsed.
+    """Whether ``report`` lists exactly the blocks that the model's record says are collapsed.
 
     A report of a later step of a progressive collapse covers only that step's blocks.
     """
-    planned = [n for n, e in require_plan(model)["blocks"].items() if e["state"] == "collapsed"]
+    collapsed = list(require_record(model).collapsed())
     reported = [b.name for b in report.collapsed]
-    return len(planned) == len(reported) and all(
-        any(r == p or r.endswith("." + p) for r in reported) for p in planned)
+    return len(collapsed) == len(reported) and all(
+        any(r == p or r.endswith("." + p) for r in reported) for p in collapsed)
 
 
 def load_collapse_report(path: str | os.PathLike) -> CollapseReport:
@@ -277,7 +262,8 @@ def auto_class_for(config: PretrainedConfig, architecture: str | None = None) ->
         >>> auto_class_for(GPT2Config(), "GPT2LMHeadModel").__name__
         'AutoModelForCausalLM'
     """
-    model_type = (get_plan(config) or {}).get("base_model_type") or config.model_type
+    record = CollapseRecord.of(config)
+    model_type = record.base_model_type if record is not None else config.model_type
     architecture = architecture or (getattr(config, "architectures", None) or [None])[0]
     matches = []
     for auto in vars(modeling_auto).values():
@@ -304,13 +290,10 @@ def _architecture(model: PreTrainedModel) -> str:
 
 
 def _guess_base_model(model: PreTrainedModel) -> str | None:
-    """The Hub id of the original model: the plan's ``base_model_name_or_path`` or ``config._name_or_path``, when
-    it is a Hub id (not a local path)."""
-    plan = get_plan(model) or {}
-    # the plan holds the base model's Hub id, or None when it was loaded from a local directory (older plans hold
-    # any path: hub_model_id still checks)
-    name = plan["base_model_name_or_path"] if "base_model_name_or_path" in plan else model.config._name_or_path
-    return hub_model_id(name)
+    """The Hub id of the original model: the record's ``base_model_name_or_path`` (``None`` when it was loaded from a
+    local directory), when it is a Hub id (not a local path)."""
+    record = CollapseRecord.of(model)
+    return hub_model_id(record.base_model_name_or_path if record is not None else model.config._name_or_path)
 
 
 def _base_model_license(base_model: str, token: str | bool | None) -> dict[str, Any]:
@@ -364,8 +347,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _training_rows(plan: dict[str, Any], training_info: Mapping[str, Any] | None) -> list[dict[str, str]]:
-    settings = {k: v for k, v in (plan.get("config") or {}).items() if k in _TRAINING_LABELS}
+def _training_rows(record: CollapseRecord, training_info: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    recorded = record.config.settings() if record.config is not None else {}
+    settings = {k: v for k, v in recorded.items() if k in _TRAINING_LABELS}
     for key, value in (training_info or {}).items():
         if _SECRET_KEY.search(key):
             logger.warning("training_info[%r] looks like a credential and is left out of the model card.", key)
@@ -386,7 +370,7 @@ def _change(before: int, after: int) -> str:
 
 def card_variables(model: PreTrainedModel, report: CollapseReport, **options: Any) -> dict[str, Any]:
     """Everything the template sees besides ``card_data`` (see :func:`render_model_card`)."""
-    plan = require_plan(model)
+    record = require_record(model)
     original = _original_model(model)
     auto = auto_class_for(model.config, _architecture(model))
     collapsed = report.collapsed
@@ -399,13 +383,16 @@ def card_variables(model: PreTrainedModel, report: CollapseReport, **options: An
         {"label": "FLOPs/token, all projections (≈)", "before": f"{lin_before:,}", "after": f"{lin_after:,}",
          "change": _change(lin_before, lin_after)},
     ]
-    entries = [e for e in plan["blocks"].values() if e["state"] == "collapsed"]
-    methods = [e.get("method") for e in entries]  # None: fine-tuned until linear; else the planner's merge
-    config = plan.get("config") or {}
-    target = "prelu" if config.get("activation") == "prelu" else config.get("linear_target", "default")
-    trained = [e for e in entries if not e.get("method")] or list(plan["blocks"].values())  # none yet: the injected
-    trained_kinds = sorted({Layout.from_dict(e["layout"]).kind.value for e in trained}, reverse=True)  # plain first
-    every_block = table_mlp_blocks(original)  # a report of collapse_model lists only the injected blocks
+    entries = list(record.collapsed().values())
+    methods = [e.method for e in entries]  # None: fine-tuned until linear; else the planner's merge
+    settings = record.config
+    activation = settings.activation if settings is not None else "blend"
+    linear_target = settings.linear_target if settings is not None else "default"
+    trained = [e for e in entries if not e.method] or list(record.units.values())  # none yet: the injected ones
+    kinds = sorted({e.layout.kind.value: e.layout for e in trained}.items(), reverse=True)  # plain first
+    trained_targets = list(dict.fromkeys(target_for(layout, linear_target, activation).describe()
+                                         for _, layout in kinds))
+    every_block = table_units(original)  # a report of collapse_model lists only the injected blocks
     blocks = [{"name": _cell(b.name), "kind": b.kind, "alpha": "-" if b.alpha is None else f"{b.alpha:.4f}",
                "status": _cell(b.status if not b.reason else f"{b.status} ({b.reason})"),
                "params": f"{b.params_before:,} → {b.params_after:,}",
@@ -415,14 +402,14 @@ def card_variables(model: PreTrainedModel, report: CollapseReport, **options: An
         "num_blocks": len(every_block) if every_block else len(report.blocks), "num_collapsed": len(collapsed),
         # fine-tuned until linear (no method recorded) or merged by the calibration planner (its method)
         "num_trained": methods.count(None), "num_planned": len(methods) - methods.count(None),
-        "trained_target": "; ".join(_TRAINED_TARGETS.get((target, kind), target) for kind in trained_kinds),
-        "alpha_at_zero": _AT_ZERO.get(config.get("activation", "blend"), _AT_ZERO["blend"]),
+        "trained_target": "; ".join(trained_targets),
+        "alpha_at_zero": _AT_ZERO.get(activation, _AT_ZERO["blend"]),
         "planned_methods": [_PLANNED_METHODS.get(m, m) for m in sorted({m for m in methods if m})],
         "params_before": before, "params_after": after, "params_saved": report.params_saved,
         "params_saved_pct": f"{100 * report.params_saved / before:.2f}%" if before else "0%",
-        "threshold": report.threshold, "base_model_type": plan.get("base_model_type", model.config.model_type),
-        "architecture": _architecture(model), "auto_class": auto.__name__, "library_version": plan.get(
-            "library_version", ""), "install_command": INSTALL_HINT, "paper_url": PAPER_URL, "citation": CITATION,
+        "threshold": report.threshold, "base_model_type": record.base_model_type,
+        "architecture": _architecture(model), "auto_class": auto.__name__, "library_version": record.library_version,
+        "install_command": INSTALL_HINT, "paper_url": PAPER_URL, "citation": CITATION,
         **options,
     }
 
@@ -447,7 +434,7 @@ def render_model_card(
     """The model card (``README.md``) of a collapsed model, rendered from a Jinja template.
 
     Args:
-        model: The collapsed model (its ``config.layercollapse`` plan is read).
+        model: The collapsed model (its ``config.layercollapse`` record is read).
         report: What :func:`~hf_layercollapse.collapse_model` returned; default: :func:`build_collapse_report`.
         repo_id: Where the model goes on the Hub (used in the usage snippet and as default ``model_name``).
         model_name: Title and ``model-index`` name; default: the name part of ``repo_id``.
@@ -459,7 +446,7 @@ def render_model_card(
             "metrics": {name: {"before": x, "after": y}}}`` or a list of those (``model-index`` gets both
             values; "before" is named ``"<metric> (before LayerCollapse)"``), or a list of ``EvalResult``.
         training_info: Extra rows for "Training" (``{"steps": 2000, "learning_rate": 1e-4}``); λ, τ and the
-            activation come from the plan. Keys that look like credentials are dropped.
+            activation come from the record. Keys that look like credentials are dropped.
         template_path: A Jinja template of your own. It gets ``card_data`` (the YAML) and the variables of
             :func:`card_variables`: ``model_name``, ``repo_id``, ``base_model``, ``compression`` and ``blocks``
             (rows of preformatted strings), ``report`` (``CollapseReport.to_dict()``), ``num_blocks``,
@@ -481,7 +468,7 @@ def render_model_card(
         >>> card.data.library_name, card.data.tags[:3]
         ('transformers', ['layercollapse', 'pruning', 'compression'])
     """
-    plan = require_plan(model)
+    record = require_record(model)
     report = report if report is not None else build_collapse_report(model)
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"{model.config.model_type}-layercollapse")
     base_model = base_model or _guess_base_model(model)
@@ -490,13 +477,13 @@ def render_model_card(
     auto = auto_class_for(model.config, _architecture(model))
     card_data = ModelCardData(
         library_name="transformers", base_model=base_model, datasets=datasets,
-        tags=[*DEFAULT_TAGS, plan.get("base_model_type", model.config.model_type), *(tags or [])],
+        tags=[*DEFAULT_TAGS, record.base_model_type, *(tags or [])],
         pipeline_tag=pipeline_tag or _PIPELINE_TAGS.get(auto.__name__), eval_results=results or None,
         model_name=model_name, **licensing,
     )
     variables = card_variables(
         model, report, model_name=model_name, repo_id=repo_id or f"your-name/{model_name}", base_model=base_model,
-        eval_table=eval_table, training=_training_rows(plan, training_info), chart_file=chart_file,
+        eval_table=eval_table, training=_training_rows(record, training_info), chart_file=chart_file,
     )
     template = Path(template_path) if template_path is not None else default_template_path()
     if not template.is_file():

@@ -43,14 +43,14 @@ def _checkpoint_dir(path: str) -> Path:
     return directory
 
 
-def _load_config(directory: Path, require_plan: bool = True):
+def _load_config(directory: Path, require_record: bool = True):
     from transformers import AutoConfig
 
-    from .plan import PLAN_KEY
+    from .record import RECORD_KEY
 
     config = AutoConfig.from_pretrained(directory)
-    if require_plan and not getattr(config, PLAN_KEY, None):
-        raise CLIError(f"{directory}: not a LayerCollapse checkpoint (its config.json has no '{PLAN_KEY}' plan; "
+    if require_record and not getattr(config, RECORD_KEY, None):
+        raise CLIError(f"{directory}: not a LayerCollapse checkpoint (its config.json has no '{RECORD_KEY}' record; "
                        "inject the model with get_collapse_model and save it first)")
     return config
 
@@ -94,7 +94,7 @@ def _read_json(path: str | None) -> Any:
 
 
 def _saved_report(directory: Path, model) -> Any:
-    """The report saved by ``collapse`` next to the checkpoint when it still matches the plan, else ``None``."""
+    """The report saved by ``collapse`` next to the checkpoint when it still matches the record, else ``None``."""
     from .card import REPORT_FILE, load_collapse_report, report_covers_plan
 
     path = directory / REPORT_FILE
@@ -103,7 +103,7 @@ def _saved_report(directory: Path, model) -> Any:
     report = load_collapse_report(path)
     if report_covers_plan(report, model):
         return report
-    logging.getLogger(__name__).warning("%s does not match the checkpoint's plan; rebuilding the report.", path)
+    logging.getLogger(__name__).warning("%s does not match the checkpoint's record; rebuilding the report.", path)
     return None
 
 
@@ -122,36 +122,34 @@ def _card_options(args: argparse.Namespace) -> dict[str, Any]:
 def configure_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="PATH_OR_REPO", help="a checkpoint directory or a Hub repo id")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="τ for 'ready to collapse' (default: the plan's threshold, else 0.05)")
+                        help="τ for 'ready to collapse' (default: the recorded threshold, else 0.05)")
     parser.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     parser.add_argument("--token", default=None, help="Hub token for private repos (default: HF_TOKEN)")
 
 
 def _inspect_rows(model, threshold: float) -> list[dict[str, Any]]:
-    from .architectures import Layout, find_mlp_blocks, projection_shape
-    from .collapse import merged_block_costs
-    from .injection import injected_activations
-    from .plan import get_plan
+    from .activation import injected_activations
+    from .collapse import unit_costs
+    from .record import CollapseRecord
+    from .units import find_mlp_blocks
 
     injected = injected_activations(model)
     rows = []
-    for block in find_mlp_blocks(model):
-        fc1, fc2 = model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2"))
-        (d_in, hidden), d_out = projection_shape(fc1), projection_shape(fc2)[1]
-        alpha = injected[block.name].alpha_value if block.name in injected else None
-        row = {"name": block.name, "kind": block.kind.value, "state": "injected" if alpha is not None else "plain",
-               "alpha": alpha, "shape": [d_in, hidden, d_out], "params_before": None, "params_after": None,
+    for unit in find_mlp_blocks(model):
+        owner = unit.owner(model)
+        alpha = injected[unit.name].alpha_value if unit.name in injected else None
+        row = {"name": unit.name, "kind": unit.kind.value, "state": "injected" if alpha is not None else "plain",
+               "alpha": alpha, "shape": list(unit.layout.dims(owner)), "params_before": None, "params_after": None,
                "ready": alpha is not None and abs(1 - alpha) <= threshold}
-        owner = model.get_submodule(block.name) if block.name else model
-        before, after, _, _ = merged_block_costs(owner, block.layout, injected.get(block.name))
+        before, after, _, _ = unit_costs(owner, unit.layout, injected.get(unit.name))
         if after < before:
             row["params_before"], row["params_after"] = before, after
         rows.append(row)
-    for name, entry in ((get_plan(model) or {}).get("blocks") or {}).items():
-        if entry["state"] == "collapsed":
-            rows.append({"name": name, "kind": Layout.from_dict(entry["layout"]).kind.value, "state": "collapsed",
-                         "alpha": entry.get("alpha"), "shape": [entry.get("in_features"), entry.get("out_features")],
-                         "params_before": None, "params_after": None, "ready": False})
+    record = CollapseRecord.of(model)
+    for name, entry in (record.collapsed() if record is not None else {}).items():
+        rows.append({"name": name, "kind": entry.layout.kind.value, "state": "collapsed", "alpha": entry.alpha,
+                     "shape": [entry.in_features, entry.out_features], "params_before": None, "params_after": None,
+                     "ready": False})
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(rows, key=lambda r: order.get(r["name"], -1))
 
@@ -160,7 +158,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from transformers import AutoModel
 
     from .collapse import model_params
-    from .plan import get_plan, hub_model_id
+    from .record import CollapseRecord, hub_model_id
 
     target = Path(args.target)
     if target.exists():
@@ -174,8 +172,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         except OSError as err:
             raise CLIError(f"{args.target}: no such directory, and not loadable as a Hub repo id: "
                            f"{_one_line(err)}") from err
-    plan = get_plan(model) or {}
-    threshold = args.threshold if args.threshold is not None else (plan.get("config") or {}).get("threshold", 0.05)
+    record = CollapseRecord.of(model)
+    recorded = record.threshold if record is not None else None
+    threshold = args.threshold if args.threshold is not None else (recorded if recorded is not None else 0.05)
     rows = _inspect_rows(model, threshold)
     total = model_params(model)  # the architecture's own parameters: α and the injected targets are not counted
 
@@ -185,7 +184,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                 "fraction": saved / total if total else 0.0}
 
     collapsible = [r for r in rows if r["params_before"] is not None]
-    result = {"model": type(model).__name__, "model_type": plan.get("base_model_type", model.config.model_type),
+    result = {"model": type(model).__name__,
+              "model_type": record.base_model_type if record is not None else model.config.model_type,
               "parameters": total, "threshold": threshold, "blocks": rows,
               "savings": {"ready": saving([r for r in collapsible if r["ready"]]), "all": saving(collapsible)}}
     if args.json:
@@ -230,6 +230,7 @@ def configure_collapse(parser: argparse.ArgumentParser) -> None:
 def run_collapse(args: argparse.Namespace) -> int:
     from .card import REPORT_FILE
     from .collapse import collapse_model
+    from .record import CollapseRecord
 
     source = _checkpoint_dir(args.input)
     target = Path(args.output)
@@ -241,13 +242,13 @@ def run_collapse(args: argparse.Namespace) -> int:
         if args.blocks or args.threshold is not None or args.force:
             raise CLIError("--plan takes its blocks from the plan: leave out --blocks, --threshold and --force")
         options: dict[str, Any] = {"plan": CollapsePlan.load(args.plan)}
-        config = _load_config(source, require_plan=False)
+        config = _load_config(source, require_record=False)
     else:
         if args.force and not args.blocks:
             raise CLIError("--force needs --blocks: name the blocks to merge regardless of α")
         options = {"blocks": args.blocks, "threshold": args.threshold, "force": args.force}
         config = _load_config(source)
-        if not any(e["state"] == "injected" for e in config.layercollapse["blocks"].values()):
+        if not CollapseRecord.of(config).injected():
             raise CLIError(f"{args.input}: every block of this checkpoint is already collapsed; nothing to do")
     with tqdm(total=3, desc="collapse", unit="step", file=sys.stderr) as progress:
         model = _load_model(source, config, progress)
@@ -316,7 +317,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from .planner import plan_collapse
 
     source = _checkpoint_dir(args.model)
-    config = _load_config(source, require_plan=False)
+    config = _load_config(source, require_record=False)
     batches = _calibration_batches(args, source)
     model = _load_model(source, config)
     plan = plan_collapse(model, batches, num_blocks=args.num_blocks, params_fraction=args.params_fraction,

@@ -1,99 +1,71 @@
-"""`LayerCollapseConfig`: which MLP blocks to make collapsible, and how.
+"""`CollapseConfig`: which units to make collapsible, and how — the settings every checkpoint records.
 
-The config is a ``peft.PeftConfig``: besides :func:`hf_layercollapse.get_collapse_model` it works with PEFT's own
-entry points (``peft.get_peft_model``, ``PeftModel.from_pretrained``...), see :mod:`hf_layercollapse.peft_integration`.
+:class:`~hf_layercollapse.LayerCollapseConfig` (the class users build) is this config made a ``peft.PeftConfig``
+as well (:mod:`hf_layercollapse.peft`), with the PEFT-only fields (LoRA, ``modules_to_save``); the core of the library
+reads only the fields defined here.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from peft import LoraConfig, PeftConfig
-from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from .errors import LayerCollapseConfigError
+from .targets import ACTIVATIONS, LINEAR_TARGETS
 
 CONFIG_NAME = "layercollapse_config.json"
-ACTIVATIONS = ("blend", "prelu")
-LINEAR_TARGETS = ("default", "fitted", "affine")
 DEFAULT_INIT_ALPHA = {"blend": 0.0, "prelu": 0.01}
-#: The ``peft_type`` of LayerCollapse adapters (a key added to PEFT's registries on ``import hf_layercollapse``).
-PEFT_TYPE = "LAYERCOLLAPSE"
-# Fields of a LoraConfig that describe the adapter as a whole, not the LoRA layers: owned by the LayerCollapseConfig.
-_LORA_BOOKKEEPING = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-                     "peft_version", "auto_mapping", "runtime_config", "modules_to_save")
+#: Fields that checkpoints written by hf_layercollapse 0.1 recorded with the settings (PEFT's bookkeeping and the
+#: PEFT-only fields): read and ignored.
+LEGACY_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                 "auto_mapping", "runtime_config", "modules_to_save", "lora_config")
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` with sets, tuples and enums turned into JSON types (sets sorted, so the result is stable)."""
-    if isinstance(value, Enum):
-        return value.value
+def _number(name: str, value: Any, low: float, high: float, meaning: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LayerCollapseConfigError(f"{name}={value!r} must be a number in [{low}, {high}] ({meaning}), not a "
+                                       f"{type(value).__name__}.")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise LayerCollapseConfigError(f"{name}={value!r} must lie in [{low}, {high}] ({meaning}).")
+    return float(value)
+
+
+def _selector(name: str, value: Any) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise LayerCollapseConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from err
+        return value
     if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
+        value = sorted(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise LayerCollapseConfigError(f"{name}={value!r} must be None, a regular expression string or a list of module "
+                                   "names.")
+
+
+def _indices(value: Any) -> int | list[int] | None:
+    if isinstance(value, (tuple, range)):
+        value = list(value)
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (True is not an index)
+    if value is None or is_int(value) or (isinstance(value, list) and all(is_int(i) for i in value)):
+        return value
+    raise LayerCollapseConfigError(f"layers_to_transform={value!r} must be None, an int or a list of ints "
+                                   "(block indices; negative ones count from the end).")
 
 
 @dataclass
-class LayerCollapseConfig(PeftConfig):
-    """Configuration of LayerCollapse; a ``peft.PeftConfig`` (``peft_type="LAYERCOLLAPSE"``).
-
-    Args:
-        target_modules: Blocks to make collapsible. ``None`` selects every detected MLP block. A list of names
-            selects a block when its own name or the name of one of its modules (input projection, activation,
-            output projection) equals an entry or ends with ``"." + entry``; a string is a regular expression
-            that must fully match one of those names (PEFT's matching rules).
-        exclude_modules: Blocks to leave alone, with the same matching rules as ``target_modules``.
-        layers_to_transform: Block indices to transform (an int or a list), counted over the detected MLP
-            blocks in model order; negative indices count from the end, so ``[-4, -3, -2, -1]`` is the
-            paper's "last 4 blocks".
-        activation: ``"blend"`` (``α·x + (1−α)·act(x)``; exactly the original model at α = 0) or ``"prelu"``
-            (the paper's PReLU with slope α, which replaces the original activation).
-        init_alpha: Initial α. ``None`` means 0.0 for ``"blend"`` and 0.01 for ``"prelu"``.
-        reg_weight: λ, the weight of the regulariser ``λ·Σ(1−α)²`` added to the task loss during training.
-        threshold: τ: a block is collapsed when ``|1 − α| ≤ τ``.
-        linear_target: What the activation becomes at α = 1 (``activation="blend"``). ``"default"``: the identity
-            on plain blocks (the paper's linearisation, ``W2·W1``), and on gated blocks a learnable constant gate
-            ``c`` that starts at the per-channel mean of ``act(gate(x))`` on the calibration data (on a dummy batch
-            without). ``"fitted"`` (needs calibration data): on plain blocks the per-channel least-squares line
-            ``a·z + b`` of the activation (fixed buffers ``slope``/``offset``; at α = 1 the block is
-            ``W2·diag(a)·W1``, still one affine map), on gated blocks ``c`` starts at the value whose collapsed block
-            is closest to the original block's output (relative squared error, closed form). A GELU channel that
-            is mostly negative is close to 0, not to the identity, so the fitted line is a far smaller change
-            than the identity (measured in ``benchmarks/results/quality_fitted.md`` and
-            ``benchmarks/results/gated_perplexity.md``). ``"affine"`` (needs calibration data, not through PEFT):
-            the whole block, plain or gated, blends towards the affine map of its input that is closest to its
-            output on the calibration data (relative least squares, the planner's merge): the block computes
-            ``(1−α)·block(x) + α·(W·x + b)`` with ``W`` (``[d_out, d_in]``) and ``b`` learnable, and at α = 1 it is
-            that map, collapsed into one projection. Costs ``d_out·d_in`` more parameters per block while training
-            (and one more ``d×d`` product per forward); the richest target: a line per channel or a constant gate
-            is one of the maps it can be. LoRA layers on the block's projections would sit outside the blend.
-        modules_to_save: With PEFT only: modules besides α (and LoRA) to train and save in full, e.g. a new
-            classification head (PEFT adds ``classifier``/``score`` itself for ``task_type="SEQ_CLS"``).
-        lora_config: With PEFT only: a ``peft.LoraConfig`` (or the dict of its fields) whose LoRA layers are part of
-            the LayerCollapse adapter, so that LoRA and α train, save, load and merge together (see
-            :func:`hf_layercollapse.get_lora_collapse_model`). Stored as a JSON-ready dict; its ``modules_to_save``
-            and ``task_type`` move to this config.
-
-    The fields inherited from ``PeftConfig`` (``task_type``, ``inference_mode``, ``base_model_name_or_path``...)
-    are only used by PEFT.
-
-    Example:
-        >>> from hf_layercollapse import LayerCollapseConfig
-        >>> config = LayerCollapseConfig(layers_to_transform=[-2, -1], reg_weight=0.5)
-        >>> config.init_alpha
-        0.0
-        >>> LayerCollapseConfig.from_dict(config.to_dict()) == config
-        True
-    """
+class CollapseConfig:
+    """The LayerCollapse settings (see :class:`~hf_layercollapse.LayerCollapseConfig` for each field)."""
 
     target_modules: list[str] | str | None = field(
         default=None,
@@ -120,124 +92,61 @@ class LayerCollapseConfig(PeftConfig):
                           "act(gate(x))), 'fitted' (least squares on calibration data) or 'affine' (the block "
                           "blends towards its least-squares affine map, learnable)."},
     )
-    modules_to_save: list[str] | None = field(
-        default=None,
-        metadata={"help": "PEFT only: modules trained and saved in full besides α and LoRA (e.g. a new head)."},
-    )
-    lora_config: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "PEFT only: a LoraConfig (or its dict) whose LoRA layers train, save and merge with α."},
-    )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self.peft_type = PEFT_TYPE
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation={self.activation!r} is not supported: use one of {ACTIVATIONS}.")
+            raise LayerCollapseConfigError(f"activation={self.activation!r} is not supported: use one of "
+                                           f"{ACTIVATIONS}.")
         if self.linear_target not in LINEAR_TARGETS:
-            raise ValueError(f"linear_target={self.linear_target!r} is not supported: use one of {LINEAR_TARGETS}.")
+            raise LayerCollapseConfigError(f"linear_target={self.linear_target!r} is not supported: use one of "
+                                           f"{LINEAR_TARGETS}.")
         if self.linear_target != "default" and self.activation != "blend":
-            raise ValueError(f"linear_target={self.linear_target!r} blends towards a fitted target: it needs "
-                             f"activation='blend', not {self.activation!r}.")
+            raise LayerCollapseConfigError(f"linear_target={self.linear_target!r} blends towards a fitted target: it "
+                                           f"needs activation='blend', not {self.activation!r}.")
         if self.init_alpha is None:
             self.init_alpha = DEFAULT_INIT_ALPHA[self.activation]
-        if not 0.0 <= float(self.init_alpha) <= 1.0:
-            raise ValueError(f"init_alpha={self.init_alpha!r} must lie in [0, 1] (1 means linear).")
-        if not float(self.reg_weight) >= 0.0:
-            raise ValueError(f"reg_weight={self.reg_weight!r} must be >= 0 (it is the weight λ of Σ(1−α)²).")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold={self.threshold!r} must lie in [0, 1] (a block collapses when |1−α| ≤ τ).")
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    raise ValueError(f"{name}={value!r} is not a valid regular expression: {err}") from err
-            elif value is not None:
-                if isinstance(value, (set, tuple)):
-                    value = sorted(value) if isinstance(value, set) else list(value)
-                    setattr(self, name, value)
-                if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                    raise ValueError(f"{name}={value!r} must be None, a regex string or a list of module names.")
-        layers = self.layers_to_transform
-        if isinstance(layers, (tuple, range)):
-            self.layers_to_transform = layers = list(layers)
-        if layers is not None and not (
-            isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
-        ):
-            raise ValueError(f"layers_to_transform={layers!r} must be None, an int or a list of ints.")
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = sorted(self.modules_to_save) if isinstance(self.modules_to_save, set) else list(
-                self.modules_to_save)
-        if self.modules_to_save is not None and not (
-            isinstance(self.modules_to_save, list) and all(isinstance(v, str) and v for v in self.modules_to_save)
-        ):
-            raise ValueError(f"modules_to_save={self.modules_to_save!r} must be None or a list of module names.")
-        if self.lora_config is not None:
-            if self.linear_target == "affine":
-                raise ValueError("linear_target='affine' cannot be combined with lora_config: the affine targets are "
-                                 "offered with get_collapse_model only (not through PEFT). Use linear_target='fitted' "
-                                 "for LoRA + LayerCollapse, or get_collapse_model without LoRA.")
-            self._normalise_lora_config()
+        self.init_alpha = _number("init_alpha", self.init_alpha, 0.0, 1.0, "1 means linear")
+        self.reg_weight = _number("reg_weight", self.reg_weight, 0.0, math.inf, "the weight λ of Σ(1−α)²")
+        self.threshold = _number("threshold", self.threshold, 0.0, 1.0, "a block collapses when |1−α| ≤ τ")
+        self.target_modules = _selector("target_modules", self.target_modules)
+        self.exclude_modules = _selector("exclude_modules", self.exclude_modules)
+        self.layers_to_transform = _indices(self.layers_to_transform)
 
-    def _normalise_lora_config(self) -> None:
-        value = self.lora_config
-        if isinstance(value, LoraConfig):
-            data = value.to_dict()
-        elif isinstance(value, dict):
-            data = dict(value)
-        else:
-            raise ValueError(f"lora_config={value!r} must be None, a peft.LoraConfig or the dict of its fields.")
-        if data.get("peft_type", "LORA") != "LORA":
-            kind = _jsonable(data["peft_type"])
-            raise ValueError(f"lora_config has peft_type={kind!r}: only LoRA can be combined with LayerCollapse.")
-        if self.task_type is None and data.get("task_type") is not None:
-            self.task_type = _jsonable(data["task_type"])
-        extra = data.get("modules_to_save") or []
-        if extra:
-            self.modules_to_save = list(dict.fromkeys([*(self.modules_to_save or []), *extra]))
-        self.lora_config = {k: _jsonable(v) for k, v in data.items() if k not in _LORA_BOOKKEEPING}
-        try:
-            self.get_lora_config()
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"lora_config is not a valid peft.LoraConfig: {err}") from err
-
-    def get_lora_config(self) -> LoraConfig | None:
-        """A fresh ``peft.LoraConfig`` built from ``lora_config`` (``None`` when there is none)."""
-        if self.lora_config is None:
-            return None
-        lora = LoraConfig.from_peft_type(peft_type="LORA", **self.lora_config)
-        lora.inference_mode = self.inference_mode
-        return lora
+    # ------------------------------------------------------------------------------------------ serialisation
+    def settings(self) -> dict[str, Any]:
+        """The LayerCollapse settings as a JSON-ready dict: what a checkpoint's record keeps (no PEFT fields)."""
+        return {f.name: getattr(self, f.name) for f in fields(CollapseConfig)}
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-serialisable dict."""
-        return asdict(self)
+        return self.settings()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerCollapseConfig:
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> CollapseConfig:
         """Build a config from :meth:`to_dict` output; unknown keys are an error, not silently dropped."""
+        where = f" (in {source})" if source else ""
+        if not isinstance(data, dict):
+            raise LayerCollapseConfigError(f"A LayerCollapse config must be a JSON object of fields{where}, got "
+                                           f"{type(data).__name__}.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown LayerCollapseConfig fields {unknown}; known fields are {sorted(known)}.")
-        return cls(**data)
+            raise LayerCollapseConfigError(f"Unknown LayerCollapseConfig fields {unknown}{where}; known fields are "
+                                           f"{sorted(known)}.")
+        try:
+            return cls(**data)
+        except LayerCollapseConfigError as err:
+            raise LayerCollapseConfigError(f"{err}{where}") from None
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, adapter_format: bool | None = None, **kwargs: Any
-    ) -> Path:
-        """Write the config to ``save_directory/layercollapse_config.json`` atomically and return the path.
+    @classmethod
+    def from_settings(cls, data: dict[str, Any], source: str | None = None) -> CollapseConfig:
+        """The settings a checkpoint recorded (:meth:`settings`; older checkpoints also recorded PEFT's fields)."""
+        if not isinstance(data, dict):
+            return CollapseConfig.from_dict(data, source)
+        return CollapseConfig.from_dict({k: v for k, v in data.items() if k not in LEGACY_FIELDS}, source)
 
-        With ``adapter_format=True`` write PEFT's ``adapter_config.json`` instead (``PeftConfig.save_pretrained``).
-        That is the default when PEFT calls this method from ``PeftModel.save_pretrained``, which it does with the
-        ``auto_mapping_dict`` keyword.
-        """
-        if adapter_format is None:
-            adapter_format = "auto_mapping_dict" in kwargs
-        if adapter_format:
-            super().save_pretrained(str(save_directory), **kwargs)
-            return Path(save_directory) / ADAPTER_CONFIG_NAME
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write the config to ``save_directory/layercollapse_config.json`` atomically and return the path."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
@@ -248,40 +157,15 @@ class LayerCollapseConfig(PeftConfig):
         return path
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
-    ) -> LayerCollapseConfig:
-        """Load a config saved by :meth:`save_pretrained` (a directory or the JSON file itself).
-
-        A directory (or Hub repository) holding PEFT's ``adapter_config.json`` of a LayerCollapse adapter works too;
-        ``subfolder`` and ``kwargs`` (``revision``, ``token``...) are then PEFT's.
-        """
-        source = path
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> CollapseConfig:
+        """Load a config saved by :meth:`save_pretrained` (a directory or the JSON file itself)."""
         path = Path(path) / subfolder if subfolder else Path(path)
-        if path.is_dir() and not (path / CONFIG_NAME).is_file() and (path / ADAPTER_CONFIG_NAME).is_file():
-            return cls._from_adapter_config(str(source), subfolder, **kwargs)
         if path.is_dir():
             path = path / CONFIG_NAME
-        if not path.is_file() and not path.parent.exists():  # maybe a Hub repository id holding an adapter
-            try:
-                return cls._from_adapter_config(str(source), subfolder, **kwargs)
-            except (OSError, ValueError) as err:
-                raise FileNotFoundError(
-                    f"No LayerCollapse config at {path} (expected a {CONFIG_NAME} or {ADAPTER_CONFIG_NAME} file)."
-                ) from err
         if not path.is_file():
-            raise FileNotFoundError(
-                f"No LayerCollapse config at {path} (expected a {CONFIG_NAME} or {ADAPTER_CONFIG_NAME} file)."
-            )
+            raise FileNotFoundError(f"No LayerCollapse config at {path} (expected a {CONFIG_NAME} file).")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(data)
-
-    @classmethod
-    def _from_adapter_config(cls, source: str, subfolder: str | None, **kwargs: Any) -> LayerCollapseConfig:
-        config = PeftConfig.from_pretrained(source, subfolder=subfolder, **kwargs)
-        if not isinstance(config, cls):
-            raise ValueError(f"{source} holds a {config.peft_type} adapter, not a LayerCollapse one ({PEFT_TYPE}).")
-        return config
+            raise LayerCollapseConfigError(f"{path} is not valid JSON: {err}") from err
+        return cls.from_dict(data, source=str(path))

@@ -24,7 +24,7 @@ from .card import (
     build_collapse_report,
     render_model_card,
     report_covers_plan,
-    require_plan,
+    require_record,
     save_collapse_chart,
 )
 from .report import CollapseReport
@@ -72,7 +72,7 @@ def save_for_hub(
         >>> sorted(p.name for p in folder.iterdir())  # doctest: +NORMALIZE_WHITESPACE
         ['README.md', 'config.json', 'layercollapse_chart.png', 'layercollapse_report.json', 'model.safetensors']
     """
-    require_plan(model)
+    require_record(model)
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     if report is None:
@@ -171,7 +171,7 @@ def push_to_hub(
         ...                                  "dataset_name": "GLUE SST-2",
         ...                                  "metrics": {"accuracy": {"before": 0.9266, "after": 0.9117}}})
     """
-    require_plan(model)
+    require_record(model)
     api = HfApi(token=token)
     report = report if report is not None else build_collapse_report(model)
     if commit_message is None:

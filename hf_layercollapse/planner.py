@@ -33,39 +33,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.pytorch_utils import Conv1D
 
-from .architectures import (
-    PROJECTIONS,
-    BlockKind,
-    Layout,
-    MLPBlock,
-    check_not_moe,
-    find_mlp_blocks,
-    projection_shape,
-)
-from .calibration import (
-    BlockStats,
-    calibration_batches,
-    collect_statistics,
-    linear_weight,
-    replaced_blocks,
-    statistics_passes,
-)
-from .collapse import (
-    block_costs,
-    block_gate,
-    check_no_unmerged_adapters,
-    in_model_order,
-    install_merged,
-    merge_block,
-    merge_projections,
-    model_params,
-    projection_from,
-    unselected_rows,
-)
-from .plan import record_block, to_base_name
+from .calibration import calibration_batches, collect_statistics, statistics_passes
+from .checkpoint import to_base_name
+from .collapse import check_no_unmerged_adapters, in_model_order, install_merge, model_params, unselected_rows
+from .errors import LayerCollapseConfigError
+from .modules import PROJECTIONS, linear_weight
 from .report import BlockReport, CollapseReport
+from .statistics import Request, Statistics
+from .targets import Affine, Identity, LinearTarget, planner_candidates
+from .units import BlockKind, Layout, Unit, check_not_moe, find_mlp_blocks, replaced_units
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +53,11 @@ METHODS = ("exact", "constant_gate", "fitted_gate", "least_squares", "relative_l
 def _simple_method(kind: BlockKind) -> str:
     """The merge every block has: ``W2·W1`` (plain) or the gate at its calibration mean (gated)."""
     return "constant_gate" if kind is BlockKind.GATED else "exact"
+
+
+def _by_method(layout: Layout, ridge: float) -> dict[str, LinearTarget]:
+    """The planner's candidate merges of a unit (targets), by method name, the simple merge first."""
+    return {t.method: t for t in planner_candidates(layout, ridge)}
 
 
 def _costs(row: dict) -> dict[str, float]:
@@ -157,6 +139,11 @@ class CollapsePlan:
                      f"({fraction:.2f}%)")
         return "\n".join(lines)
 
+    def apply(self, model: nn.Module) -> CollapseReport:
+        """Merge the plan's blocks into ``model`` in place, each with the merge the planner chose (what
+        ``collapse_model(model, plan=plan)`` does); everything is checked before anything changes."""
+        return apply_collapse_plan(model, self)
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``collapse_plan.json`` and the fitted maps (``collapse_plan.safetensors``) to ``directory``."""
         directory = Path(directory)
@@ -181,12 +168,14 @@ class CollapsePlan:
             raise ValueError(f"{directory} does not hold a readable collapse plan ({PLAN_FILE}, {WEIGHTS_FILE}): "
                              f"{err}") from err
         try:
-            candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"]), c["method"], _costs(c),
-                                       c["params_saved"], tensors.get(f"{c['name']}.weight"),
+            candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"], f"the layout of {c['name']!r}"),
+                                       c["method"], _costs(c), c["params_saved"], tensors.get(f"{c['name']}.weight"),
                                        tensors.get(f"{c['name']}.bias")) for c in data["candidates"]]
             by_name = {b.name: b for b in candidates}
             return cls([by_name[n] for n in data["selected"]], candidates, data["objective"], data["baseline"],
                        data["measured_cost"], data["params_total"])
+        except LayerCollapseConfigError as err:
+            raise LayerCollapseConfigError(f"{directory / PLAN_FILE}: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{directory / PLAN_FILE} is not a collapse plan written by CollapsePlan.save (missing "
                              f"or wrong entry {err}): write it again with plan_collapse(...).save().") from None
@@ -294,23 +283,25 @@ def plan_collapse(
         logger.warning("plan_collapse: one calibration batch, so the maps are fitted and their costs measured on the "
                        "same data, which makes the costs look smaller than they are: give at least 2 batches.")
     check_not_moe(model)
-    blocks = find_mlp_blocks(model)
-    if not blocks:
+    units = find_mlp_blocks(model)
+    if not units:
         raise ValueError(f"{type(model).__name__} has no MLP block that can be collapsed.")
     was_training = model.training
     model.eval()
     try:
-        merges = sum(4 if b.kind is BlockKind.GATED else 3 for b in blocks)  # candidates measured per block
-        groups = statistics_passes(model, blocks)
+        targets = {u: _by_method(u.layout, ridge) for u in units}
+        requests = {u: [r for t in targets[u].values() for r in t.requests(u.layout)] for u in units}
+        groups = statistics_passes(model, requests)
+        merges = sum(len(t) for t in targets.values())  # candidates measured per unit
         steps = len(fit_batches) * len(groups) + len(eval_batches) * (1 + merges)
         with tqdm(total=steps, desc="plan_collapse", disable=not show_progress) as progress:
             objective = _Objective(model, eval_batches)
             baseline = objective(progress)
             candidates = []
-            for group in groups:  # each group's sums are dropped once its blocks are measured: bounded memory
-                stats = collect_statistics(model, group, fit_batches, progress)
-                candidates += [_measure(model, block, stats.pop(block.name), objective, baseline, ridge, progress)
-                               for block in group]
+            for group in groups:  # each group's sums are dropped once its units are measured: bounded memory
+                stats = collect_statistics(model, {u: requests[u] for u in group}, fit_batches, progress)
+                candidates += [_measure(model, unit, targets[unit], stats.pop(unit.name), objective, baseline,
+                                        progress) for unit in group]
         candidates = [c for c in candidates if c.params_saved > 0]
         if not candidates:
             raise ValueError(f"No MLP block of {type(model).__name__} saves parameters when merged (each block's "
@@ -318,68 +309,55 @@ def plan_collapse(
                              "plan.")
         ranked = sorted(candidates, key=lambda c: c.cost)
         params_total = sum(p.numel() for p in model.parameters())
-        selected, measured = _select(model, blocks, ranked, objective, baseline, params_total, num_blocks,
+        selected, measured = _select(model, units, ranked, objective, baseline, params_total, num_blocks,
                                      params_fraction, max_loss_increase)
     finally:
         model.train(was_training)
     return CollapsePlan(selected, candidates, objective.kind, baseline, measured, params_total)
 
 
-def _measure(model, block: MLPBlock, stats: BlockStats, objective: _Objective, baseline: float, ridge: float,
-             progress) -> PlannedBlock:
-    """Cost of each candidate merge of the block, measured alone on the held-out batches; keeps the cheapest.
-    Candidates: the simple merge (plain: ``W2·W1``, the activation made the identity; gated: the gate fixed at its
-    calibration mean), for gated blocks the gate fixed at its least-squares fit, and the least-squares maps (plain
-    and relative)."""
-    owner = model.get_submodule(block.name) if block.name else model
-    fc1, fc2 = owner.get_submodule(block.layout.fc1), owner.get_submodule(block.layout.fc2)
-    merges: dict[str, nn.Module] = {}
-    if block.kind is BlockKind.GATED:
-        merges["constant_gate"] = merge_block(owner, block.layout, stats.gate.mean())
-        merges["fitted_gate"] = merge_block(owner, block.layout, stats.gate.fit(linear_weight(fc2), ridge))
-    else:
-        merges["exact"] = merge_block(owner, block.layout)
-    simple = _simple_method(block.kind)
-    for method, fit in (("least_squares", stats.least_squares), ("relative_least_squares",
-                                                                  stats.relative_least_squares)):
-        weight, bias = fit.solve(ridge)
-        merges[method] = projection_from(fc2, weight, bias)
+def _measure(model, unit: Unit, targets: dict[str, LinearTarget], stats: dict[Request, Statistics],
+             objective: _Objective, baseline: float, progress) -> PlannedBlock:
+    """Cost of each candidate merge of the unit (:func:`~hf_layercollapse.targets.planner_candidates`), measured
+    alone on the held-out batches; keeps the cheapest (ties go to the simple merge)."""
+    owner = unit.owner(model)
+    merges = {method: target.merge(unit.layout, owner, target.solve(unit.layout, owner, stats))
+              for method, target in targets.items()}
     costs = {}
     for method, merged in merges.items():
-        with replaced_blocks(model, {block: merged}):
+        with replaced_units(model, {unit: merged}):
             cost = objective(progress) - baseline
         costs[method] = cost if math.isfinite(cost) else math.inf
-    method = min(costs, key=lambda m: (costs[m], m != simple))  # ties go to the simple merge
+    simple = _simple_method(unit.kind)
+    method = min(costs, key=lambda m: (costs[m], m != simple))
     chosen = merges[method]
-    before, after, _, _ = block_costs(fc1, fc2, chosen.bias is not None, block_gate(owner, block.layout))
+    before, after, _, _ = unit.layout.costs(owner, chosen.bias is not None)
     weight = bias = None
     if method != "exact":
-        weight = chosen.weight.detach().float().cpu()
-        weight = weight.T.contiguous() if isinstance(chosen, Conv1D) else weight
+        weight = linear_weight(chosen).detach().float().cpu().contiguous()
         bias = chosen.bias.detach().float().cpu() if chosen.bias is not None else None
-    return PlannedBlock(block.name, block.layout, method, costs, before - after, weight, bias)
+    return PlannedBlock(unit.name, unit.layout, method, costs, before - after, weight, bias)
 
 
 def _replacement(model, planned: PlannedBlock) -> nn.Module:
     owner = model.get_submodule(planned.name) if planned.name else model
-    fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)
     if planned.method == "exact":
-        return merge_projections(fc1, fc2)
+        return Identity().merge(planned.layout, owner, {})
     if planned.weight is None:
         raise ValueError(f"The plan has no fitted map for block {planned.name!r} ({planned.method}).")
     try:
-        return merge_block(owner, planned.layout, affine=(planned.weight, planned.bias))
+        return Affine().merge(planned.layout, owner, {"affine_weight": planned.weight, "affine_bias": planned.bias})
     except ValueError as err:
         raise ValueError(f"The plan's map for {planned.name!r}: {err} The plan belongs to another model.") from None
 
 
-def _select(model, blocks, ranked, objective, baseline, params_total, num_blocks, params_fraction,
+def _select(model, units, ranked, objective, baseline, params_total, num_blocks, params_fraction,
             max_loss_increase) -> tuple[list[PlannedBlock], float]:
-    by_name = {b.name: b for b in blocks}
+    by_name = {u.name: u for u in units}
 
     def measure(chosen: list[PlannedBlock]) -> float:
         replacements = {by_name[c.name]: _replacement(model, c) for c in chosen}
-        with replaced_blocks(model, replacements):
+        with replaced_units(model, replacements):
             return objective() - baseline
 
     if num_blocks is not None:
@@ -410,46 +388,39 @@ def _select(model, blocks, ranked, objective, baseline, params_total, num_blocks
 
 
 def _check_applicable(model: nn.Module, plan: CollapsePlan) -> None:
-    """The plan's blocks are in ``model``, not wrapped by unmerged adapters, not merged yet, and recordable."""
-    owners = {}
+    """The plan's units are in ``model``, not wrapped by unmerged adapters, not merged yet, and recordable."""
     for planned in plan.selected:
         try:
-            owners[planned.name] = owner = model.get_submodule(planned.name) if planned.name else model
-            for part in (planned.layout.fc1, planned.layout.act, planned.layout.fc2, planned.layout.gate):
-                if part is not None:
-                    owner.get_submodule(part)
+            owner = model.get_submodule(planned.name) if planned.name else model
+            for part in planned.layout.parts:
+                owner.get_submodule(part)
         except AttributeError:
-            raise ValueError(f"The plan's block {planned.name!r} ({planned.layout.fc1} → {planned.layout.fc2}) is not "
-                             f"in this {type(model).__name__}: the plan belongs to another model.") from None
-    check_no_unmerged_adapters(model, [(p.name, p.layout) for p in plan.selected])
+            raise ValueError(f"The plan's block {planned.name!r} ({' → '.join(planned.layout.parts)}) is not in this "
+                             f"{type(model).__name__}: the plan belongs to another model.") from None
+    check_no_unmerged_adapters(model, [Unit(p.name, 0, p.layout) for p in plan.selected])
     for planned in plan.selected:
-        if not isinstance(owners[planned.name].get_submodule(planned.layout.fc1), PROJECTIONS):
+        owner = model.get_submodule(planned.name) if planned.name else model
+        if not isinstance(owner.get_submodule(planned.layout.inputs[0]), PROJECTIONS):
             raise ValueError(f"The plan's block {planned.name!r} is collapsed already: apply a plan once, to the model "
                              "it was made for.")
-        if isinstance(model, PreTrainedModel):  # record_block keeps a plan for transformers models only
+        if isinstance(model, PreTrainedModel):  # records are kept for transformers models only
             to_base_name(model, planned.name)
 
 
 def apply_collapse_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
-    """Merge the plan's blocks in place (what ``collapse_model(model, plan=plan)`` does)."""
+    """Merge the plan's units in place (:meth:`CollapsePlan.apply`)."""
     report = CollapseReport(model_params_before=model_params(model))
     _check_applicable(model, plan)  # everything is validated before anything changes
     replacements = [(p, _replacement(model, p)) for p in plan.selected]
     chosen = {p.name for p in plan.selected}
-    left = [MLPBlock(c.name, 0, c.layout) for c in plan.candidates if c.name not in chosen]
-    report.blocks += unselected_rows(model, left)  # the blocks the plan leaves (candidates save parameters)
+    left = [Unit(c.name, 0, c.layout) for c in plan.candidates if c.name not in chosen]
+    report.blocks += unselected_rows(model, left)  # the units the plan leaves (candidates save parameters)
     for planned, merged in replacements:
-        owner = model.get_submodule(planned.name) if planned.name else model
-        fc1, fc2 = owner.get_submodule(planned.layout.fc1), owner.get_submodule(planned.layout.fc2)
-        before, after, flops_before, flops_after = block_costs(fc1, fc2, merged.bias is not None,
-                                                               block_gate(owner, planned.layout))
-        act = owner.get_submodule(planned.layout.act)
-        alpha = getattr(act, "alpha_value", None)
-        install_merged(owner, planned.layout, merged)
-        d_in, d_out = projection_shape(merged)
-        record_block(model, planned.name, planned.layout, "collapsed", alpha=alpha, in_features=d_in,
-                     out_features=d_out, bias=merged.bias is not None, projection=type(merged).__name__,
-                     method=planned.method)
+        unit = Unit(planned.name, 0, planned.layout)
+        owner = unit.owner(model)
+        before, after, flops_before, flops_after = planned.layout.costs(owner, merged.bias is not None)
+        alpha = getattr(owner.get_submodule(planned.layout.act), "alpha_value", None)
+        install_merge(model, unit, merged, alpha=alpha, method=planned.method)
         report.blocks.append(BlockReport(planned.name, planned.layout.kind.value, alpha, "collapsed",
                                          planned.method, before, after, flops_before, flops_after))
     report.blocks = in_model_order(model, report.blocks)

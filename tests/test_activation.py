@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs, max_abs_diff, max_rel_diff, num_params, outputs, set_alphas
-from tiny_models import PLAIN, tiny_model
+from helpers import PLAIN, make_inputs, max_abs_diff, max_rel_diff, num_params, outputs, set_alphas, tiny_model
 from torch import nn
 
 import hf_layercollapse as hlc
+from hf_layercollapse.targets import Identity, PReLU
 
 # ---------------------------------------------------------------------------------------- the module
 
@@ -16,7 +16,7 @@ import hf_layercollapse as hlc
 @pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU(), nn.SiLU(), nn.Tanh()], ids=lambda a: type(a).__name__)
 def test_blend_is_exact_at_both_ends_and_linear_in_alpha(act):
     x = torch.randn(64, 16) * 3
-    wrapped = hlc.CollapsibleActivation(act, mode="blend", init_alpha=0.0)
+    wrapped = hlc.CollapsibleActivation(act, Identity(), init_alpha=0.0)
     assert torch.equal(wrapped(x), act(x))  # α = 0: the original activation, bit for bit
     with torch.no_grad():
         wrapped.alpha.fill_(1.0)
@@ -28,7 +28,7 @@ def test_blend_is_exact_at_both_ends_and_linear_in_alpha(act):
 
 def test_prelu_slope():
     x = torch.linspace(-4, 4, 81)
-    wrapped = hlc.CollapsibleActivation(nn.GELU(), mode="prelu", init_alpha=0.01)
+    wrapped = hlc.CollapsibleActivation(nn.GELU(), PReLU(), init_alpha=0.01)
     expected = torch.where(x >= 0, x, 0.01 * x)
     torch.testing.assert_close(wrapped(x), expected, rtol=0, atol=1e-7)
     assert not torch.allclose(wrapped(x), nn.GELU()(x), atol=1e-3)  # it replaces the activation
@@ -53,9 +53,9 @@ def test_keeps_input_dtype(dtype):
     assert wrapped(torch.randn(4, dtype=dtype)).dtype == dtype
 
 
-def test_unknown_mode_rejected():
-    with pytest.raises(ValueError, match="mode='linear'"):
-        hlc.CollapsibleActivation(nn.GELU(), mode="linear")
+def test_target_tensors_must_match_the_target():
+    with pytest.raises(ValueError, match="needs the tensors"):
+        hlc.CollapsibleActivation(nn.GELU(), Identity(), tensors={"slope": torch.ones(3)})
 
 
 # -------------------------------------------------------------------------------------- injection grid
@@ -108,7 +108,7 @@ def test_prelu_replaces_activation_and_is_identity_at_one(name):
     prelu_linear = outputs(model, inputs)
     for act in hlc.injected_activations(model).values():
         act.activation = nn.Identity()
-        act.mode = "blend"
+        act.target = Identity()
     assert max_rel_diff(prelu_linear, outputs(model, inputs)) <= 1e-6
 
 

@@ -9,16 +9,15 @@ import json
 
 import pytest
 import torch
-from conftest import make_inputs, max_abs_diff, max_rel_diff, num_params, outputs, set_alphas
+from helpers import gated_model, make_inputs, max_abs_diff, max_rel_diff, num_params, outputs, set_alphas, tiny_model
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import gated_model, tiny_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
 import hf_layercollapse as hlc
-from hf_layercollapse.architectures import projection_shape
-from hf_layercollapse.modeling import LayerCollapseConfigError
+from hf_layercollapse.errors import LayerCollapseConfigError
+from hf_layercollapse.modules import projection_shape
 
 AFFINE = hlc.LayerCollapseConfig(linear_target="affine")
 GATED = {"llama", "phi3", "t5-gated"}
@@ -42,7 +41,7 @@ def calibration(model) -> list[dict[str, torch.Tensor]]:
 def block_io(model, block, batches) -> tuple[torch.Tensor, torch.Tensor]:
     """Every non-padding token's block input x (into the input projection) and output y (of the output projection)."""
     captured: dict[str, list[torch.Tensor]] = {"x": [], "y": []}
-    fc1, fc2 = model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2"))
+    fc1, fc2 = model.get_submodule(block.path("input")), model.get_submodule(block.path("output"))
     handles = [fc1.register_forward_pre_hook(lambda m, args: captured["x"].append(args[0])),
                fc2.register_forward_hook(lambda m, args, out: captured["y"].append(out))]
     with torch.no_grad():
@@ -79,14 +78,14 @@ def test_affine_target_is_the_relative_least_squares_map_and_injection_is_exact(
     torch.testing.assert_close(act.affine_weight.double(), solution[:-1].T, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(act.affine_bias.double(), solution[-1], rtol=1e-4, atol=1e-5)
     assert max_abs_diff(outputs(model, inputs), before) == 0.0  # α = 0: exactly the original model
-    assert act.slope is None and act.gate_constant is None  # the activation itself is left as it is
+    assert set(act.target_tensors()) == {"affine_weight", "affine_bias"}  # the activation itself is left as it is
     # α = 1: the block is that map
     set_alphas(model, 1.0)
     captured = []
-    handle = model.get_submodule(block.path("fc2")).register_forward_hook(
+    handle = model.get_submodule(block.path("output")).register_forward_hook(
         lambda m, args, out: captured.append(out))
     stash = []
-    pre = model.get_submodule(block.path("fc1")).register_forward_pre_hook(lambda m, args: stash.append(args[0]))
+    pre = model.get_submodule(block.path("input")).register_forward_pre_hook(lambda m, args: stash.append(args[0]))
     with torch.no_grad():
         model(**inputs)
     handle.remove()
@@ -115,9 +114,9 @@ def test_affine_target_blends_collapses_exactly_and_reloads(name, tmp_path):
     for name_, act in acts.items():
         block = next(b for b in hlc.find_mlp_blocks(original) if b.name == name_)
         stash = {}
-        handles.append(original.get_submodule(block.path("fc1")).register_forward_pre_hook(
+        handles.append(original.get_submodule(block.path("input")).register_forward_pre_hook(
             lambda m, args, s=stash: s.__setitem__("x", args[0])))
-        handles.append(original.get_submodule(block.path("fc2")).register_forward_hook(
+        handles.append(original.get_submodule(block.path("output")).register_forward_hook(
             lambda m, args, out, s=stash, a=act: 0.6 * out + 0.4 * torch.nn.functional.linear(
                 s["x"], a.affine_weight, a.affine_bias)))
     by_hand = outputs(original, inputs)
@@ -142,10 +141,10 @@ def test_affine_target_blends_collapses_exactly_and_reloads(name, tmp_path):
     saved = 0
     for block in hlc.find_mlp_blocks(original):
         owner = original.get_submodule(block.name)
-        parts = {block.layout.fc1, block.layout.fc2} | ({block.layout.gate} if block.layout.gate else set())
+        parts = {*block.layout.inputs, block.layout.output}
         before = sum(p.numel() for part in parts for p in owner.get_submodule(part).parameters())
-        d_in, d_out = projection_shape(owner.get_submodule(block.layout.fc1))[0], projection_shape(
-            owner.get_submodule(block.layout.fc2))[1]
+        d_in, d_out = projection_shape(owner.get_submodule(block.layout.input))[0], projection_shape(
+            owner.get_submodule(block.layout.output))[1]
         saved += before - (d_in * d_out + d_out)  # the merged map always has a bias (b of the fit)
     assert original_params - num_params(model) == saved == report.params_saved
     model.save_pretrained(tmp_path / "collapsed")
@@ -235,7 +234,7 @@ def test_refit_gives_the_map_of_the_moved_model_and_changes_no_output():
     with torch.no_grad():
         for m in (model, moved):
             for block in hlc.find_mlp_blocks(original):
-                m.get_submodule(block.path("fc2")).weight.mul_(1.5).add_(0.05)
+                m.get_submodule(block.path("output")).weight.mul_(1.5).add_(0.05)
     expected = hlc.injected_activations(hlc.get_collapse_model(moved, AFFINE, calibration_data=batches))
     acts = hlc.injected_activations(model)
     first, last = acts
@@ -274,14 +273,14 @@ def test_conv1d_blocks_merge_into_a_conv1d():
     set_alphas(model, 1.0)
     hlc.collapse_model(model)
     block = hlc.find_mlp_blocks(tiny_model("gpt2"))[0]
-    assert isinstance(model.get_submodule(block.path("fc2")), Conv1D)
+    assert isinstance(model.get_submodule(block.path("output")), Conv1D)
 
 
 def test_real_smollm2_affine_targets_beat_the_fitted_gate_and_collapse_exactly(tmp_path):
     """The real SmolLM2-135M, its last two gated blocks at α = 1 (no training): each block's affine map costs far less
     held-out loss than the best constant gate (measured: 4.489 original, 4.917 affine, 5.160 fitted gate, 5.276 mean
     gate); collapsed, saved and reloaded with AutoModelForCausalLM, the logits stay the same."""
-    from hf_layercollapse import assets
+    import offline_assets as assets
 
     path = assets.smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

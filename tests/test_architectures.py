@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    CONFIGS,
+    GATED,
+    PLAIN,
+    D,
+    H,
     expected_blocks,
     hidden_size,
     make_inputs,
@@ -14,14 +19,15 @@ from conftest import (
     outputs,
     saved_per_block,
     set_alphas,
+    tiny_model,
 )
-from tiny_models import CONFIGS, GATED, PLAIN, D, H, tiny_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 import hf_layercollapse as hlc
-from hf_layercollapse.architectures import MLP_LAYOUTS, projection_shape
+from hf_layercollapse.modules import projection_shape
+from hf_layercollapse.units import MLP_LAYOUTS
 
 # ------------------------------------------------------------------------------------------ the grid
 
@@ -42,7 +48,7 @@ def test_plain_blocks_have_the_configured_shapes(name):
     model = tiny_model(name)
     h = hidden_size(name)
     for block in hlc.find_mlp_blocks(model):
-        assert block.kind is hlc.BlockKind.PLAIN and block.layout.gate is None
+        assert block.kind is hlc.BlockKind.PLAIN
         fc1, act, fc2 = (model.get_submodule(block.path(p)) for p in ("fc1", "act", "fc2"))
         assert projection_shape(fc1) == (D, h) and projection_shape(fc2) == (h, D)
         assert not isinstance(act, (nn.Linear, Conv1D)) and not list(act.parameters())
@@ -56,7 +62,7 @@ def test_gated_blocks_detected(name):
     blocks = hlc.find_mlp_blocks(model)
     assert len(blocks) == expected_blocks(name)
     assert {b.kind for b in blocks} == {hlc.BlockKind.GATED}
-    assert all(b.layout.gate is not None and b.layout.gate != b.layout.fc1 for b in blocks)
+    assert all(not b.layout.fused for b in blocks)
     with pytest.raises(ValueError) as info:  # the paper's PReLU cannot linearise a gate
         hlc.get_collapse_model(model, hlc.LayerCollapseConfig(activation="prelu"))
     assert "gated" in str(info.value) and "blend" in str(info.value)
@@ -130,8 +136,8 @@ def test_phi3_fused_gate_up_is_gated():
     assert [b.name for b in blocks] == ["layers.0.mlp", "layers.1.mlp"]
     for block in blocks:
         assert block.kind is hlc.BlockKind.GATED
-        assert block.layout.gate == block.layout.fc1 == "gate_up_proj"  # one projection holds both halves
-        assert projection_shape(model.get_submodule(block.path("fc1"))) == (D, 2 * H)
+        assert block.layout.gate == block.layout.up == "gate_up_proj" and block.layout.fused  # both halves in one
+        assert projection_shape(model.get_submodule(block.path("up"))) == (D, 2 * H)
 
 
 # ------------------------------------------------------------------------- models outside the table

@@ -17,10 +17,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import offline_assets as assets
 import pytest
-
-from hf_layercollapse import assets
-from hf_layercollapse.metrics import AVAILABLE_METRICS, load_metric, metric_path
+from metrics import AVAILABLE_METRICS, load_metric, metric_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,8 +282,8 @@ def test_everything_works_offline() -> None:
     """Load data and metrics in a fresh interpreter with the Hub switched off."""
     code = textwrap.dedent(
         """
-        from hf_layercollapse import assets
-        from hf_layercollapse.metrics import load_metric
+        import offline_assets as assets
+        from metrics import load_metric
         assert assets.load_tweets()["test"].num_rows == 1000
         assert assets.load_shakespeare()["validation"].num_rows == 4
         assert assets.load_fashion_mnist(train_size=10, test_size=10)["train"].num_rows == 10
@@ -298,7 +297,7 @@ def test_everything_works_offline() -> None:
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "examples"), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-c", code],
         env=env,

@@ -19,12 +19,13 @@ from transformers import AutoModel, AutoModelForCausalLM, BertTokenizer
 if str(Path(__file__).parent) not in sys.path:  # robust to --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import tiny_config, tiny_model
+from helpers import tiny_config, tiny_model
 
 import hf_layercollapse as hlc
 from hf_layercollapse.card import build_collapse_report
 from hf_layercollapse.cli import COMMANDS, main
-from hf_layercollapse.plan import get_plan
+from hf_layercollapse.collapse import model_params
+from hf_layercollapse.record import RECORD_KEY
 
 IDS = torch.tensor([[1, 5, 7, 2, 9]])
 
@@ -117,7 +118,7 @@ def test_collapse_matches_in_memory(injected: tuple[Path, torch.nn.Module], coll
     with torch.no_grad():  # the merge is exact: equal to the collapsed model and to the injected one (α = 1)
         assert torch.allclose(reloaded(IDS).logits, expected(IDS).logits, atol=1e-6)
         assert torch.allclose(reloaded(IDS).logits, injected[1](IDS).logits, atol=1e-5)
-    assert hlc.collapse.model_params(reloaded) == report.model_params_after  # the kept block's α not counted
+    assert model_params(reloaded) == report.model_params_after  # the kept block's α not counted
     saved = json.loads((collapsed / "layercollapse_report.json").read_text())
     assert saved == report.to_dict()
     assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= {p.name for p in collapsed.iterdir()}
@@ -131,7 +132,7 @@ def test_a_local_base_model_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatc
     model = hlc.get_collapse_model(AutoModel.from_pretrained("my-finetuned-bert"))
     hlc.injected_activations(model)["encoder.layer.0"].alpha.data.fill_(1.0)
     hlc.collapse_model(model)
-    assert get_plan(model)["base_model_name_or_path"] is None
+    assert getattr(model.config, RECORD_KEY)["base_model_name_or_path"] is None
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert hlc.render_model_card(model).data.base_model is None
@@ -140,7 +141,7 @@ def test_a_local_base_model_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatc
     hlc.get_collapse_model(from_hub)
     hlc.injected_activations(from_hub)["encoder.layer.0"].alpha.data.fill_(1.0)
     hlc.collapse_model(from_hub)
-    assert get_plan(from_hub)["base_model_name_or_path"] == "google-bert/bert-base-uncased"
+    assert getattr(from_hub.config, RECORD_KEY)["base_model_name_or_path"] == "google-bert/bert-base-uncased"
     assert hlc.render_model_card(from_hub).data.base_model == "google-bert/bert-base-uncased"
 
 

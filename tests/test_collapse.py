@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    PLAIN,
+    D,
     collapse_all,
     expected_blocks,
     hidden_size,
@@ -17,15 +19,15 @@ from conftest import (
     outputs,
     saved_per_block,
     set_alphas,
+    tiny_model,
 )
-from tiny_models import PLAIN, D, tiny_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.pytorch_utils import Conv1D
 
 import hf_layercollapse as hlc
-from hf_layercollapse.collapse import projection_from
-from hf_layercollapse.plan import get_plan
+from hf_layercollapse.modules import projection_from
+from hf_layercollapse.record import RECORD_KEY
 
 # ------------------------------------------------------------------------------------ merge_projections
 
@@ -230,7 +232,7 @@ def test_named_block_far_from_one_raises_unless_forced():
     assert report.blocks[0].alpha == pytest.approx(0.3)
     assert report.blocks[1].reason == "not selected"
     assert max_rel_diff(outputs(model, inputs), linear) <= 1e-5
-    assert get_plan(model)["blocks"]["encoder.layer.0"]["alpha"] == pytest.approx(0.3)
+    assert getattr(model.config, RECORD_KEY)["blocks"]["encoder.layer.0"]["alpha"] == pytest.approx(0.3)
 
 
 def test_unnamed_far_blocks_are_kept():

@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import offline_assets as assets
 import pytest
-
-from hf_layercollapse import assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"

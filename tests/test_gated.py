@@ -7,15 +7,23 @@ import json
 
 import pytest
 import torch
-from conftest import gated_params_saved
+from helpers import GATED_ARCHS, HEADS, TEXT, gated_model, gated_params_saved
 from safetensors.torch import load_file, save_file
-from tiny_models import GATED_ARCHS, HEADS, TEXT, gated_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import hf_layercollapse as hlc
-from hf_layercollapse.calibration import collect_statistics, gate_constants, statistics_passes
-from hf_layercollapse.tracing import dummy_inputs
+from hf_layercollapse.calibration import collect_statistics, fit_targets, statistics_passes
+from hf_layercollapse.merging import merge_gated
+from hf_layercollapse.statistics import GateRequest, LeastSquaresRequest
+from hf_layercollapse.targets import GateConstant
+from hf_layercollapse.units import dummy_inputs
+
+
+def gate_constants(model, blocks, batches, method: str = "mean", ridge: float = 1e-4) -> dict[str, torch.Tensor]:
+    """Each block's constant gate ``c`` fitted by ``method`` (the GateConstant target's fit)."""
+    fitted = fit_targets(model, {b: GateConstant(method, ridge) for b in blocks}, batches)
+    return {name: tensors["gate_constant"] for name, tensors in fitted.items()}
 
 
 def output(model, inputs) -> torch.Tensor:
@@ -54,7 +62,7 @@ def test_merge_gated_casts_back_within_dtype_tolerance(dtype):
     up, down, c = nn.Linear(16, 48, bias=True), nn.Linear(48, 16, bias=True), torch.randn(48)
     x = torch.randn(5, 16, dtype=torch.float64)
     reference = down.double()(c.double() * up.double()(x))
-    merged = hlc.collapse.merge_gated(up.to(dtype), down.to(dtype), c)
+    merged = merge_gated(up.to(dtype), down.to(dtype), c)
     assert merged.weight.dtype == dtype
     tolerance = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
     torch.testing.assert_close(merged.double()(x), reference, atol=tolerance, rtol=tolerance)
@@ -102,14 +110,14 @@ def _block_tensors(model, block, batches):
     """(u, g, y) of every unpadded token: up projection, gate activation and the block's output."""
     owner = model.get_submodule(block.name)
     captured = {"u": [], "g": [], "y": []}
-    fused = block.layout.gate == block.layout.fc1  # Phi-3's gate_up_proj: [gate | up]
+    fused = block.layout.fused  # Phi-3's gate_up_proj: [gate | up]
 
     def up(module, args, out):
         captured["u"].append(out.chunk(2, dim=-1)[1] if fused else out)
 
-    hooks = [owner.get_submodule(block.layout.fc1).register_forward_hook(up),
+    hooks = [owner.get_submodule(block.layout.up).register_forward_hook(up),
              owner.get_submodule(block.layout.act).register_forward_hook(lambda m, a, o: captured["g"].append(o)),
-             owner.get_submodule(block.layout.fc2).register_forward_hook(lambda m, a, o: captured["y"].append(o))]
+             owner.get_submodule(block.layout.down).register_forward_hook(lambda m, a, o: captured["y"].append(o))]
     with torch.no_grad():
         for batch in batches:
             model(**batch)
@@ -126,7 +134,7 @@ def test_least_squares_gate_constant_is_the_minimiser_of_the_relative_output_err
                 "attention_mask": torch.ones(3, 9, dtype=torch.long)} for i in range(2)]
     batches[0]["attention_mask"][1, 5:] = 0
     block = hlc.find_mlp_blocks(model)[1]
-    down = model.get_submodule(block.path("fc2"))
+    down = model.get_submodule(block.path("output"))
     u, g, y = _block_tensors(model, block, batches)
     w = down.weight.double()
     # the dense least-squares problem: every token gives d equations W·diag(u_t)·c = W·(g_t ⊙ u_t), scaled by
@@ -152,16 +160,18 @@ def test_statistics_beyond_the_memory_budget_take_more_passes_with_the_same_sums
     blocks = hlc.find_mlp_blocks(model)
     batches = [{"input_ids": torch.randint(1, 99, (2, 6), generator=torch.Generator().manual_seed(i))}
                for i in range(2)]
-    assert len(statistics_passes(model, blocks)) == 1 and len(statistics_passes(model, blocks, memory=1)) == 2
+    wanted = [LeastSquaresRequest(relative=False), LeastSquaresRequest(relative=True), GateRequest(fit=True)]
+    requests = {block: wanted for block in blocks}
+    assert len(statistics_passes(model, requests)) == 1 and len(statistics_passes(model, requests, memory=1)) == 2
     calls = []
     handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
-    one, split = collect_statistics(model, blocks, batches), collect_statistics(model, blocks, batches, memory=1)
+    one, split = collect_statistics(model, requests, batches), collect_statistics(model, requests, batches, memory=1)
     handle.remove()
     assert len(calls) == 3 * len(batches)  # one pass, then one pass per block
     for block in blocks:
-        for part in ("least_squares", "relative_least_squares"):
-            assert torch.equal(getattr(one[block.name], part).gram, getattr(split[block.name], part).gram)
-        assert torch.equal(one[block.name].gate.up_cross, split[block.name].gate.up_cross)
+        for request in wanted[:2]:
+            assert torch.equal(one[block.name][request].gram, split[block.name][request].gram)
+        assert torch.equal(one[block.name][wanted[2]].up_cross, split[block.name][wanted[2]].up_cross)
 
 
 @pytest.mark.parametrize("name", ["llama", "phi3", "t5-gated"])
@@ -243,7 +253,7 @@ def test_plain_mlp_with_llama_names_stays_plain():
     model = nn.Sequential(Block(), Block())
     blocks = hlc.find_mlp_blocks(model, example_inputs={"input": torch.randn(2, 8)})
     assert [b.kind for b in blocks] == [hlc.BlockKind.PLAIN] * 2
-    assert blocks[0].layout.fc1 == "up_proj" and blocks[0].layout.gate is None
+    assert blocks[0].layout.fc1 == "up_proj"
 
 
 def test_mixture_of_experts_is_refused():
@@ -277,7 +287,7 @@ def test_gate_constant_of_the_wrong_size_in_a_checkpoint_is_an_error(tmp_path):
 def test_real_smollm2_two_blocks(tmp_path):
     """SmolLM2-135M-Instruct (30 gated blocks): inject the last two with Shakespeare calibration, collapse at α = 1,
     reload with AutoModelForCausalLM, same logits and generation."""
-    from hf_layercollapse import assets
+    import offline_assets as assets
 
     path = assets.smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

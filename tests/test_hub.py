@@ -35,7 +35,7 @@ from hf_layercollapse.cli import main
 from hf_layercollapse.hub import push_to_hub, save_for_hub
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from transformers import AutoModel, BertTokenizer
-from tiny_models import tiny_model
+from helpers import tiny_model
 
 Path("vocab.txt").write_text("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]))
 tokenizer = BertTokenizer("vocab.txt")

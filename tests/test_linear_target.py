@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    D,
     expected_blocks,
     hidden_size,
     make_inputs,
@@ -17,9 +18,9 @@ from conftest import (
     num_params,
     outputs,
     set_alphas,
+    tiny_model,
 )
 from peft import LoraConfig, get_peft_model
-from tiny_models import D, tiny_model
 from transformers import AutoModel, TrainingArguments
 
 import hf_layercollapse as hlc
@@ -161,7 +162,7 @@ def test_fitted_lines_through_peft_equal_get_collapse_model_and_survive_save_mer
     its line, and that checkpoint reloads with AutoModel."""
     from peft import PeftModel
 
-    from hf_layercollapse.peft_integration import calibrate_linear_targets
+    from hf_layercollapse.peft import calibrate_linear_targets
 
     original = tiny_model(name)
     batches = calibration(original)
@@ -173,9 +174,10 @@ def test_fitted_lines_through_peft_equal_get_collapse_model_and_survive_save_mer
     ours, theirs = hlc.injected_activations(peft_model), hlc.injected_activations(reference)
     assert [n.removeprefix("base_model.model.") for n in ours] == list(theirs)
     for (_, layer), act in zip(ours.items(), theirs.values()):
-        torch.testing.assert_close(layer.slope, act.slope, rtol=0, atol=0)
-        torch.testing.assert_close(layer.offset, act.offset, rtol=0, atol=0)
-        assert not layer.slope.requires_grad
+        line = layer.target_tensors()
+        torch.testing.assert_close(line["slope"], act.slope, rtol=0, atol=0)
+        torch.testing.assert_close(line["offset"], act.offset, rtol=0, atol=0)
+        assert not line["slope"].requires_grad
     assert max_abs_diff(outputs(peft_model, inputs), before) == 0.0
     set_alphas(peft_model, 0.5)
     set_alphas(reference, 0.5)
@@ -213,6 +215,7 @@ def test_fitted_line_of_the_wrong_size_in_an_adapter_is_an_error(tmp_path):
 def test_decoder_blocks_use_the_decoder_mask_not_the_encoders():
     """Encoder-decoder models: the encoder's attention_mask must not drop decoder tokens (same lengths here)."""
     from hf_layercollapse.calibration import collect_statistics
+    from hf_layercollapse.statistics import LineRequest
 
     model = tiny_model("t5")
     mask = torch.ones(2, 6, dtype=torch.long)
@@ -222,8 +225,8 @@ def test_decoder_blocks_use_the_decoder_mask_not_the_encoders():
     blocks = hlc.find_mlp_blocks(model)
 
     def counts(batch):
-        stats = collect_statistics(model, blocks, [batch], least_squares=False, gate_fit=False, lines=True)
-        return {b.name.split(".")[0]: int(stats[b.name].line.sums[4, 0]) for b in blocks}
+        stats = collect_statistics(model, {b: [LineRequest()] for b in blocks}, [batch])
+        return {b.name.split(".")[0]: stats[b.name][LineRequest()].count for b in blocks}
 
     assert counts(batch) == {"encoder": 9, "decoder": 12}
     decoder_mask = torch.ones(2, 6, dtype=torch.long)
@@ -236,8 +239,8 @@ def _moved(model) -> torch.nn.Module:
     shifted."""
     with torch.no_grad():
         for block in hlc.find_mlp_blocks(model):
-            parts = {block.path("fc1"), block.path("gate") if block.kind is hlc.BlockKind.GATED else block.path("fc1")}
-            for part in parts:
+            for part in block.layout.inputs:
+                part = f"{block.name}.{part}"
                 model.get_submodule(part).weight.mul_(1.5).add_(0.05)
     return model
 
@@ -247,7 +250,7 @@ def _moved(model) -> torch.nn.Module:
 def test_refit_linear_targets_fits_the_moved_model_and_changes_no_output(name, linear_target):
     """After the weights moved, a refit gives the targets that injecting the moved model would give (lines, c by
     mean or least squares), at α = 0 changes no output, and leaves a block whose α moved alone."""
-    from tiny_models import gated_model
+    from helpers import gated_model
 
     original = gated_model(name) if name != "bert" else tiny_model(name)
     batches = calibration(original)
@@ -294,7 +297,7 @@ def test_peft_fitted_lines_per_adapter_and_the_trainers_warning_about_uncalibrat
 
     from peft import PeftModel
 
-    from hf_layercollapse.peft_integration import calibrate_linear_targets
+    from hf_layercollapse.peft import calibrate_linear_targets
 
     original = tiny_model("bert")
     batches, others = calibration(original), [make_inputs(original, seed=7)]
@@ -302,7 +305,7 @@ def test_peft_fitted_lines_per_adapter_and_the_trainers_warning_about_uncalibrat
 
     def warned(model) -> bool:
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="hf_layercollapse.peft_integration"):
+        with caplog.at_level(logging.WARNING, logger="hf_layercollapse.peft"):
             hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=[])
         return "dummy batch only" in caplog.text
 
@@ -318,7 +321,7 @@ def test_peft_fitted_lines_per_adapter_and_the_trainers_warning_about_uncalibrat
     assert torch.equal(layer.layercollapse_slope["default"], first)
     assert not torch.equal(layer.layercollapse_slope["other"], first)
     peft_model.set_adapter("other")
-    assert torch.equal(layer.slope, layer.layercollapse_slope["other"])
+    assert torch.equal(layer.target_tensors()["slope"], layer.layercollapse_slope["other"])
     peft_model.save_pretrained(tmp_path / "saved")
     saved = layer.layercollapse_slope["other"].clone()
     peft_model.delete_adapter("other")
@@ -326,13 +329,13 @@ def test_peft_fitted_lines_per_adapter_and_the_trainers_warning_about_uncalibrat
     reloaded = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "saved" / "other", adapter_name="other")
     assert not warned(reloaded)
     loaded = next(iter(hlc.injected_activations(reloaded).values()))
-    assert torch.equal(loaded.slope, saved)
+    assert torch.equal(loaded.target_tensors()["slope"], saved)
 
 
 def test_refit_follows_each_gated_blocks_own_rule_also_after_reloading(tmp_path):
     """Block 0 injected with linear_target="fitted" (least-squares c), block 1 later with "default" (mean c): a refit
     fits each one by its own rule, also on the model reloaded with from_pretrained."""
-    from tiny_models import gated_model
+    from helpers import gated_model
 
     original = gated_model("llama")
     batches = calibration(original)
@@ -349,7 +352,7 @@ def test_refit_follows_each_gated_blocks_own_rule_also_after_reloading(tmp_path)
         expected[n] = c.gate_constant.detach()
     for candidate in (_moved(model), _moved(AutoModel.from_pretrained(tmp_path).eval())):
         acts = hlc.injected_activations(candidate)
-        assert [a.fitted_gate for a in acts.values()] == [True, False]
+        assert [a.target.fit for a in acts.values()] == ["least_squares", "mean"]
         hlc.refit_linear_targets(candidate, batches)
         for name, act in acts.items():
             torch.testing.assert_close(act.gate_constant.detach(), expected[name], rtol=1e-5, atol=1e-6)

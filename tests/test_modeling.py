@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    PLAIN,
+    D,
     collapse_all,
     expected_blocks,
     hidden_size,
@@ -25,9 +27,10 @@ from conftest import (
     outputs,
     saved_per_block,
     set_alphas,
+    tiny_config,
+    tiny_model,
 )
 from safetensors.torch import load_file, save_file
-from tiny_models import PLAIN, D, tiny_config, tiny_model
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -42,7 +45,7 @@ from transformers import (
 )
 
 import hf_layercollapse as hlc
-from hf_layercollapse.plan import get_plan
+from hf_layercollapse.record import RECORD_KEY
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack", ".safetensors")
 
@@ -56,7 +59,7 @@ def check_checkpoint_files(directory: Path, model) -> dict:
     assert config["base_model_type"] == model.config.model_type
     plan = config["layercollapse"]
     assert plan["library_version"] == hlc.__version__
-    assert plan == json.loads(json.dumps(get_plan(model)))
+    assert plan == json.loads(json.dumps(getattr(model.config, RECORD_KEY)))
     return plan
 
 
@@ -374,7 +377,7 @@ def test_saved_config_applied_to_a_fresh_base_model(tmp_path):
     hlc.get_collapse_model(second, hlc.LayerCollapseConfig.from_pretrained(tmp_path))
     assert list(hlc.injected_activations(second)) == ["encoder.layers.0", "decoder.layers.1"]
     assert_same_activations(second, first)
-    assert get_plan(second) == get_plan(first)
+    assert getattr(second.config, RECORD_KEY) == getattr(first.config, RECORD_KEY)
     inputs = make_inputs(first)
     assert max_abs_diff(outputs(second, inputs), outputs(first, inputs)) == 0
 
@@ -475,9 +478,9 @@ def test_missing_plan_weight_is_an_error(saved_bert, key):
 
 def test_config_without_plan(saved_bert):
     edit_config(saved_bert, lambda config: config.pop("layercollapse"))
-    with pytest.raises(hlc.LayerCollapseConfigError, match="'layercollapse' plan"):
+    with pytest.raises(hlc.LayerCollapseConfigError, match="'layercollapse' record"):
         AutoConfig.from_pretrained(saved_bert)
-    with pytest.raises(hlc.LayerCollapseConfigError, match="'layercollapse' plan"):
+    with pytest.raises(hlc.LayerCollapseConfigError, match="'layercollapse' record"):
         AutoModel.from_pretrained(saved_bert)
 
 

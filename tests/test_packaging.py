@@ -1,4 +1,4 @@
-"""The wheel carries what the installed library reads at run time (model card template, metric scripts)."""
+"""The wheel carries what the installed library reads at run time (the model card template) and nothing of the demos."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_ships_the_model_card_template_and_the_metrics(tmp_path):
+def test_wheel_ships_the_model_card_template_and_no_demo_infrastructure(tmp_path):
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info next to the sources
     source.mkdir()
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
@@ -26,5 +26,7 @@ def test_wheel_ships_the_model_card_template_and_the_metrics(tmp_path):
         names = set(archive.namelist())
         template = archive.read("hf_layercollapse/model_cards/layercollapse.md")
     assert template == (ROOT / "model_cards" / "layercollapse.md").read_bytes()
-    assert {"hf_layercollapse/metrics/accuracy.py", "hf_layercollapse/metrics/f1.py"} <= names
+    assert {"hf_layercollapse/peft/config.py", "hf_layercollapse/targets/affine.py"} <= names  # the subpackages
+    # demo and test infrastructure (offline assets, metric scripts) stays out of the installed library
+    assert not any("metrics" in name or "assets" in name for name in names)
     assert not any(name.startswith(("tests/", "benchmarks/", "examples/")) for name in names)

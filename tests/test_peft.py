@@ -11,7 +11,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    D,
+    H,
     logits,
     make_inputs,
     max_abs_diff,
@@ -22,6 +24,7 @@ from conftest import (
     random_lora,
     saved_per_block,
     set_alphas,
+    tiny_model,
     trainable_kinds,
 )
 from peft import (
@@ -35,7 +38,6 @@ from peft import (
 )
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from safetensors.torch import load_file
-from tiny_models import D, H, tiny_model
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    HEADS,
+    TEXT,
+    H,
+    gated_model,
     gated_params_saved,
     logits,
     make_inputs,
@@ -20,11 +24,11 @@ from conftest import (
     outputs,
     random_lora,
     set_alphas,
+    tiny_model,
     trainable_kinds,
 )
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import HEADS, TEXT, H, gated_model, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, TrainingArguments
 
 import hf_layercollapse as hlc
@@ -41,14 +45,19 @@ LORA_TARGETS = {
 }
 
 
+def gate_of(act) -> torch.Tensor:
+    """The gate constant ``c`` of an injected block (its active adapter's, on a PEFT layer)."""
+    return act.target_tensors()["gate_constant"]
+
+
 def set_gate_constants(model, seed: int = 3) -> dict[str, torch.Tensor]:
     """Give every injected gated block a random c (the same sequence for the same seed), in model order."""
     generator = torch.Generator().manual_seed(seed)
     constants = {}
     with torch.no_grad():
         for name, act in hlc.injected_activations(model).items():
-            act.gate_constant.copy_(torch.randn(act.gate_constant.shape, generator=generator))
-            constants[name] = act.gate_constant.detach().clone()
+            gate_of(act).copy_(torch.randn(gate_of(act).shape, generator=generator))
+            constants[name] = gate_of(act).detach().clone()
     return constants
 
 
@@ -86,7 +95,7 @@ def test_get_peft_model_on_gated_blocks_then_merge_and_unload_equals_collapse_mo
     reference = gated_model(name)  # the same α and c with the library's own path
     hlc.get_collapse_model(reference)
     for act, ref in zip(acts.values(), hlc.injected_activations(reference).values()):
-        torch.testing.assert_close(act.gate_constant.data, ref.gate_constant.data, rtol=0, atol=0)  # same default c
+        torch.testing.assert_close(gate_of(act).data, gate_of(ref).data, rtol=0, atol=0)  # same default c
     alphas = (1.0, 0.6) if name != "t5-gated" else (1.0, 0.6, 1.0, 1.0)  # one block far from 1: it is kept
     for wrapped_model in (peft_model, reference):
         set_alphas(wrapped_model, *alphas)
@@ -115,7 +124,7 @@ def test_get_peft_model_on_gated_blocks_then_merge_and_unload_equals_collapse_mo
     assert max_abs_diff(outputs(loaded, inputs), outputs(merged, inputs)) <= 1e-6
     (kept,) = hlc.injected_activations(loaded).values()
     assert kept.alpha_value == pytest.approx(0.6)
-    torch.testing.assert_close(kept.gate_constant.data, constants[1], rtol=0, atol=0)  # the trained c of the kept one
+    torch.testing.assert_close(gate_of(kept).data, constants[1], rtol=0, atol=0)  # the trained c of the kept one
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -161,16 +170,16 @@ def test_gate_constant_from_calibration_data_equals_get_collapse_model():
     batches = lm_batches()
     reference = gated_model("llama", causal_lm=True)
     hlc.get_collapse_model(reference, calibration_data=batches)
-    expected = {n: a.gate_constant.detach() for n, a in hlc.injected_activations(reference).items()}
+    expected = {n: gate_of(a).detach() for n, a in hlc.injected_activations(reference).items()}
     default = gated_model("llama", causal_lm=True)
     hlc.get_collapse_model(default)
-    defaults = {n: a.gate_constant.detach() for n, a in hlc.injected_activations(default).items()}
+    defaults = {n: gate_of(a).detach() for n, a in hlc.injected_activations(default).items()}
     assert all((expected[n] - defaults[n]).abs().max() > 1e-3 for n in expected)  # calibration makes a difference
 
     # get_lora_collapse_model(calibration_data=...): means of the base model, LoRA (random, active) switched off
     peft_model = hlc.get_lora_collapse_model(gated_model("llama", causal_lm=True), random_lora(["q_proj", "up_proj"]),
                                              calibration_data=batches)
-    got = {n.removeprefix("base_model.model."): a.gate_constant.detach()
+    got = {n.removeprefix("base_model.model."): gate_of(a).detach()
            for n, a in hlc.injected_activations(peft_model).items()}
     assert got.keys() == expected.keys()
     for name in expected:
@@ -181,15 +190,15 @@ def test_gate_constant_from_calibration_data_equals_get_collapse_model():
     plain = get_peft_model(gated_model("llama", causal_lm=True), hlc.LayerCollapseConfig())
     acts = hlc.injected_activations(plain)
     for name, act in acts.items():
-        torch.testing.assert_close(act.gate_constant.data, defaults[name.removeprefix("base_model.model.")],
+        torch.testing.assert_close(gate_of(act).data, defaults[name.removeprefix("base_model.model.")],
                                    rtol=0, atol=0)
     set_alphas(plain, 0.5)  # the means are those of the original model whatever the adapter's α
     means = hlc.calibrate_linear_targets(plain, batches)
     for name, act in acts.items():
         short = name.removeprefix("base_model.model.")
-        torch.testing.assert_close(means[short], expected[short], rtol=0, atol=0)
-        torch.testing.assert_close(act.gate_constant.data, expected[short], rtol=0, atol=0)
-        assert act.gate_constant.requires_grad and act.alpha.requires_grad and act.alpha_value == 0.5
+        torch.testing.assert_close(means[short]["gate_constant"], expected[short], rtol=0, atol=0)
+        torch.testing.assert_close(gate_of(act).data, expected[short], rtol=0, atol=0)
+        assert gate_of(act).requires_grad and act.alpha.requires_grad and act.alpha_value == 0.5
 
 
 def test_fitted_gate_constant_through_peft_equals_get_collapse_model():
@@ -197,10 +206,10 @@ def test_fitted_gate_constant_through_peft_equals_get_collapse_model():
     config = hlc.LayerCollapseConfig(linear_target="fitted")
     reference = gated_model("llama", causal_lm=True)
     hlc.get_collapse_model(reference, config, calibration_data=batches)
-    expected = {n: a.gate_constant.detach() for n, a in hlc.injected_activations(reference).items()}
+    expected = {n: gate_of(a).detach() for n, a in hlc.injected_activations(reference).items()}
     peft_model = hlc.get_lora_collapse_model(gated_model("llama", causal_lm=True), random_lora(["q_proj", "up_proj"]),
                                              config, calibration_data=batches)
-    got = {n.removeprefix("base_model.model."): a.gate_constant.detach()
+    got = {n.removeprefix("base_model.model."): gate_of(a).detach()
            for n, a in hlc.injected_activations(peft_model).items()}
     assert got.keys() == expected.keys()
     for name in expected:
@@ -213,7 +222,7 @@ def test_second_adapter_gets_its_own_alpha_and_gate_constant():
     before = logits(model, batch)
     peft_model = get_peft_model(model, hlc.LayerCollapseConfig())
     acts = hlc.injected_activations(peft_model)
-    initial = {n: a.gate_constant.detach().clone() for n, a in acts.items()}
+    initial = {n: gate_of(a).detach().clone() for n, a in acts.items()}
     set_alphas(peft_model, 0.5)
     set_gate_constants(peft_model)
     first = logits(peft_model, batch)
@@ -260,8 +269,8 @@ def test_gated_adapter_saved_and_loaded_gives_identical_logits(tmp_path):
     loaded = PeftModel.from_pretrained(base(), tmp_path / "adapter")
     assert torch.equal(logits(loaded, batch), expected)
     for name, act in hlc.injected_activations(loaded).items():
-        torch.testing.assert_close(act.gate_constant.data, constants[name], rtol=0, atol=0)
-        assert not act.gate_constant.requires_grad  # inference by default
+        torch.testing.assert_close(gate_of(act).data, constants[name], rtol=0, atol=0)
+        assert not gate_of(act).requires_grad  # inference by default
     trainable = PeftModel.from_pretrained(base(), tmp_path / "adapter", is_trainable=True)
     assert trainable_kinds(trainable) == trainable_kinds(peft_model)
     on_meta_first = PeftModel.from_pretrained(base(), tmp_path / "adapter", low_cpu_mem_usage=True)
@@ -275,7 +284,7 @@ def test_gated_adapter_saved_and_loaded_gives_identical_logits(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert max_rel_diff([logits(reloaded, batch)], [expected]) < 1e-5
     (kept,) = hlc.injected_activations(reloaded).values()
-    torch.testing.assert_close(kept.gate_constant.data, constants["base_model.model.model.layers.0.mlp"], rtol=0,
+    torch.testing.assert_close(gate_of(kept).data, constants["base_model.model.model.layers.0.mlp"], rtol=0,
                                atol=0)
     assert kept.alpha_value == pytest.approx(0.3)
 
@@ -304,7 +313,7 @@ def test_trainer_trains_alpha_and_gate_constant_through_the_peft_model_and_colla
                                                                task_type="CAUSAL_LM"),
                                              hlc.LayerCollapseConfig(reg_weight=5.0))
     acts = hlc.injected_activations(peft_model)
-    start = {n: (a.alpha_value, a.gate_constant.detach().clone()) for n, a in acts.items()}
+    start = {n: (a.alpha_value, gate_of(a).detach().clone()) for n, a in acts.items()}
     generator = torch.Generator().manual_seed(1)
     data = []
     for _ in range(16):
@@ -320,7 +329,7 @@ def test_trainer_trains_alpha_and_gate_constant_through_the_peft_model_and_colla
     for name, act in acts.items():
         alpha, constant = start[name]
         assert alpha == 0.0 and act.alpha_value == 1.0  # pulled 0 → 1 (clamped) with α's own learning rate
-        moved = float((act.gate_constant.detach() - constant).abs().max())
+        moved = float((gate_of(act).detach() - constant).abs().max())
         assert 1e-3 < moved < 0.1, name  # c trained at the model's learning rate (4 Adam steps of 1e-2)
     lora_b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert float(lora_b.abs().sum()) > 0  # LoRA B started at zero and trained

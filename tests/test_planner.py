@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModel, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 import hf_layercollapse as hlc
-from hf_layercollapse.calibration import LeastSquaresStats, collect_statistics, replaced_blocks
+from hf_layercollapse.calibration import collect_statistics
 from hf_layercollapse.planner import _Objective
+from hf_layercollapse.statistics import LeastSquaresRequest, LeastSquaresStats
+from hf_layercollapse.units import replaced_units
 
 
 def tiny_bert(layers: int = 4, seed: int = 0) -> BertModel:
@@ -33,8 +35,9 @@ def test_least_squares_reproduces_the_exact_merge_of_a_linear_block():
     for act in hlc.injected_activations(model).values():
         act.alpha.data.fill_(1.0)
     block = hlc.find_mlp_blocks(model)[1]
-    fc1, fc2 = model.get_submodule(block.path("fc1")), model.get_submodule(block.path("fc2"))
-    stats = collect_statistics(model, [block], batches(8))[block.name]
+    fc1, fc2 = model.get_submodule(block.path("input")), model.get_submodule(block.path("output"))
+    requests = [LeastSquaresRequest(relative=False), LeastSquaresRequest(relative=True)]
+    stats = collect_statistics(model, {block: requests}, batches(8))[block.name]
     captured = []
     handle = fc1.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     with torch.no_grad():
@@ -43,8 +46,8 @@ def test_least_squares_reproduces_the_exact_merge_of_a_linear_block():
     x = captured[0].reshape(-1, 32).double()
     exact = hlc.merge_projections(fc1, fc2)
     expected = x @ exact.weight.double().T + exact.bias.double()
-    for fit in (stats.least_squares, stats.relative_least_squares):  # any weighting fits an affine block exactly
-        weight, bias = fit.solve(ridge=1e-10)
+    for request in requests:  # any weighting fits an affine block exactly
+        weight, bias = stats[request].solve(ridge=1e-10)
         torch.testing.assert_close(x @ weight.T + bias, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -54,7 +57,7 @@ def test_least_squares_statistics_stream_over_batches():
     x, y = torch.randn(200, 5), torch.randn(200, 3)
     streamed = LeastSquaresStats(5, 3, torch.device("cpu"))
     for i in range(0, 200, 50):
-        streamed.update(x[i:i + 50], y[i:i + 50], None)
+        streamed.update(None, x=x[i:i + 50], y=y[i:i + 50])
     weight, bias = streamed.solve(ridge=0.0)
     solution = torch.linalg.lstsq(torch.cat([x, torch.ones(200, 1)], 1).double(), y.double()).solution
     torch.testing.assert_close(weight, solution[:5].T, atol=1e-8, rtol=1e-8)
@@ -69,7 +72,7 @@ def test_relative_least_squares_weighs_each_token_by_its_output_size():
     x[0], y[0] = 1000 * x[0], -1000 * y[0]
     streamed = LeastSquaresStats(5, 3, torch.device("cpu"), relative=True)
     for i in range(0, 200, 50):
-        streamed.update(x[i:i + 50], y[i:i + 50], None)
+        streamed.update(None, x=x[i:i + 50], y=y[i:i + 50])
     weight, bias = streamed.solve(ridge=0.0)
     scale = y.double().pow(2).mean(1, keepdim=True).rsqrt()
     design = torch.cat([x, torch.ones(200, 1)], 1).double() * scale
@@ -77,7 +80,7 @@ def test_relative_least_squares_weighs_each_token_by_its_output_size():
     torch.testing.assert_close(weight, solution[:5].T, atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(bias, solution[5], atol=1e-8, rtol=1e-8)
     plain = LeastSquaresStats(5, 3, torch.device("cpu"))
-    plain.update(x, y, None)
+    plain.update(None, x=x, y=y)
     plain_weight, _ = plain.solve(ridge=0.0)
     rest = torch.linalg.lstsq(torch.cat([x[1:], torch.ones(199, 1)], 1).double(), y[1:].double()).solution[:5].T
     assert (weight - rest).abs().max() < (plain_weight - rest).abs().max()
@@ -115,7 +118,7 @@ def test_planner_measures_block_groups_one_pass_at_a_time(monkeypatch):
 
     model, data = tiny_bert(), batches()
     whole = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
-    monkeypatch.setattr(planner, "statistics_passes", lambda model, blocks: [[b] for b in blocks])
+    monkeypatch.setattr(planner, "statistics_passes", lambda model, requests: [[u] for u in requests])
     split = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
     assert [c.costs for c in split.candidates] == pytest.approx([c.costs for c in whole.candidates])
     for a, b in zip(split.candidates, whole.candidates):
@@ -148,7 +151,7 @@ def test_applied_plan_equals_the_measured_replacement_and_reloads(tmp_path):
     blocks = {b.name: b for b in hlc.find_mlp_blocks(model)}
     from hf_layercollapse.planner import _replacement
 
-    with torch.no_grad(), replaced_blocks(model, {blocks[p.name]: _replacement(model, p) for p in plan.selected}):
+    with torch.no_grad(), replaced_units(model, {blocks[p.name]: _replacement(model, p) for p in plan.selected}):
         expected = model(ids).last_hidden_state
     params_before = sum(p.numel() for p in model.parameters())
     report = hlc.collapse_model(model, plan=plan)
@@ -233,8 +236,7 @@ def test_real_minilm_least_squares_beats_the_naive_merge_on_held_out_tweets(mini
 def test_planning_and_collapsing_leave_the_global_random_state_alone(name):
     """New projections are built without an initialiser: calling the planner or collapse_model between training
     steps does not change the dropout masks (or any other draw) that follow."""
-    from conftest import make_inputs
-    from tiny_models import tiny_model
+    from helpers import make_inputs, tiny_model
 
     model = tiny_model(name)
     batches = [make_inputs(model, seed=s) for s in range(3)]

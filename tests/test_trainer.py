@@ -28,6 +28,8 @@ from transformers import (
 )
 
 import hf_layercollapse as hlc
+from hf_layercollapse.calibration import fit_targets
+from hf_layercollapse.targets import GateConstant, Line
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 
@@ -129,7 +131,7 @@ def test_alpha_has_its_own_learning_rate_and_no_weight_decay(tmp_path):
 
 
 def test_gate_constants_get_no_weight_decay(tmp_path):
-    from tiny_models import gated_model
+    from helpers import gated_model
 
     model = hlc.get_collapse_model(gated_model("llama", causal_lm=True))
     trainer = hlc.LayerCollapseTrainer(model=model, args=training_args(tmp_path, weight_decay=0.1),
@@ -429,7 +431,7 @@ def test_progressive_order_by_name_and_its_errors(tmp_path, caplog):
 def test_progressive_schedule_leaves_held_parameters_and_their_optimizer_state_alone(tmp_path, caplog):
     """A gated model: α and c of a block whose stage has not begun get no gradient (not even in clipping), so Adam
     keeps no state for them; a finished block's c keeps training (it is part of the linear map)."""
-    from tiny_models import gated_model
+    from helpers import gated_model
 
     model = hlc.get_collapse_model(gated_model("llama", causal_lm=True))  # 2 gated blocks
     deep, shallow = list(hlc.injected_activations(model).values())[::-1]
@@ -541,8 +543,8 @@ class LinesAtStepBegin(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         acts = hlc.injected_activations(self.model)
         blocks = [hlc.MLPBlock(name, i, act.layout) for i, (name, act) in enumerate(acts.items())]
-        fits = hlc.calibration.activation_lines(self.model, blocks, self.batches)
-        self.seen.append({name: (act.slope.clone(), fits[name][0]) for name, act in acts.items()})
+        fits = fit_targets(self.model, {block: Line() for block in blocks}, self.batches)
+        self.seen.append({name: (act.slope.clone(), fits[name]["slope"]) for name, act in acts.items()})
 
 
 def test_trainer_refits_each_blocks_line_when_its_stage_starts(tmp_path):
@@ -576,9 +578,7 @@ def test_trainer_refits_each_gated_blocks_c_at_its_stage_start_with_gradient_acc
     """Gated blocks: c is refitted (least squares, linear_target="fitted") when the block's stage starts, on the
     model as it is then, also with 2 micro-batches per step; a block still waiting keeps its c (the schedule holds
     it), and the refitted c then trains with the block."""
-    from tiny_models import gated_model
-
-    from hf_layercollapse.calibration import gate_constants
+    from helpers import gated_model
 
     batches = [{"input_ids": torch.stack([d["input_ids"] for d in lm_data(8)])}]
     model = hlc.get_collapse_model(gated_model("llama", causal_lm=True), hlc.LayerCollapseConfig(
@@ -592,8 +592,8 @@ def test_trainer_refits_each_gated_blocks_c_at_its_stage_start_with_gradient_acc
         def on_step_begin(self, args, state, control, **kwargs):
             acts = hlc.injected_activations(model)
             blocks = [hlc.MLPBlock(n, i, a.layout) for i, (n, a) in enumerate(acts.items())]
-            fits = gate_constants(model, blocks, batches, method="least_squares")
-            self.seen.append({n: (a.gate_constant.detach().clone(), fits[n]) for n, a in acts.items()})
+            fits = fit_targets(model, {block: GateConstant("least_squares") for block in blocks}, batches)
+            self.seen.append({n: (a.gate_constant.detach().clone(), fits[n]["gate_constant"]) for n, a in acts.items()})
 
     injected = {n: a.gate_constant.detach().clone() for n, a in hlc.injected_activations(model).items()}
     args = training_args(tmp_path, max_steps=5, per_device_train_batch_size=4, gradient_accumulation_steps=2,

@@ -3,7 +3,7 @@
 Load it by path, not by Hub name (``evaluate.load("accuracy")`` needs the Hub):
 
     >>> import evaluate
-    >>> from hf_layercollapse.metrics import metric_path
+    >>> from metrics import metric_path
     >>> accuracy = evaluate.load(str(metric_path("accuracy")))
     >>> accuracy.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])
     {'accuracy': 0.75}
@@ -33,7 +33,7 @@ Args:
 Returns:
     accuracy (`float`): between 0 and 1 when normalized; the (weighted) count otherwise.
 Examples:
-    >>> from hf_layercollapse.metrics import load_metric
+    >>> from metrics import load_metric
     >>> accuracy = load_metric("accuracy")
     >>> accuracy.compute(predictions=[0, 1, 2, 1], references=[0, 1, 1, 1])
     {'accuracy': 0.75}

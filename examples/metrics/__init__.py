@@ -1,10 +1,10 @@
-"""Offline ``evaluate`` metric modules shipped with hf_layercollapse.
+"""Offline ``evaluate`` metric modules for the examples, tests and benchmarks (not part of the installed library).
 
 ``evaluate.load("accuracy")`` downloads the metric script from the Hub and fails offline. These
 modules are our own and are loaded by file path, so they work with ``HF_HUB_OFFLINE=1``.
 
 Example:
-    >>> from hf_layercollapse.metrics import load_metric
+    >>> from metrics import load_metric
     >>> load_metric("accuracy").compute(predictions=[1, 0], references=[1, 1])
     {'accuracy': 0.5}
 """

