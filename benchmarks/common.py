@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-# the offline assets and metric modules live with the examples (they are not part of the installed library)
+# the offline assets live with the examples (they are not part of the installed library)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import offline_assets as assets  # noqa: E402
+
+__all__ = ["RESULTS", "assets", "environment"]
 
 
 def environment() -> dict:

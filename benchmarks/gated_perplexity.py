@@ -44,9 +44,8 @@ import random
 import tempfile
 import time
 
-import offline_assets as assets
 import torch
-from common import RESULTS, environment, markdown_table, new_plot, save_plot
+from common import RESULTS, assets, environment, markdown_table, new_plot, save_plot
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging

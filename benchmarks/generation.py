@@ -36,9 +36,8 @@ import statistics
 import tempfile
 import time
 
-import offline_assets as assets
 import torch
-from common import RESULTS, environment, markdown_table, new_plot, save_plot
+from common import RESULTS, assets, environment, markdown_table, new_plot, save_plot
 from transformers import (
     AutoTokenizer,
     GPT2Config,

@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import common  # noqa: F401  (puts the offline assets on the path)
 import torch
 import transformers
 
@@ -89,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one collapsed variant only (CI smoke run)")
     args = parser.parse_args()
-    import offline_assets as assets
+    from common import assets
 
     transformers.utils.logging.disable_progress_bar()
     source = assets.minilm_path()

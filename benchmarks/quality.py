@@ -39,9 +39,8 @@ import statistics
 import tempfile
 import time
 
-import offline_assets as assets
 import torch
-from common import RESULTS, environment, markdown_table, new_plot, save_plot
+from common import RESULTS, assets, environment, markdown_table, new_plot, save_plot
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,

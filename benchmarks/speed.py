@@ -15,9 +15,8 @@ import argparse
 import statistics
 import time
 
-import offline_assets as assets
 import torch
-from common import write_results
+from common import assets, write_results
 from transformers import AutoModel
 
 import hf_layercollapse as hlc

@@ -20,9 +20,8 @@ import statistics
 import tempfile
 import time
 
-import offline_assets as assets
 import torch
-from common import write_results
+from common import assets, write_results
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 

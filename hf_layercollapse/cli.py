@@ -289,7 +289,10 @@ def configure_plan(parser: argparse.ArgumentParser) -> None:
 
 
 def _calibration_batches(args: argparse.Namespace, directory: Path) -> list[dict]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise CLIError("reading --data needs the datasets library: pip install 'hf-layercollapse[data]'") from None
     import torch
     from transformers import AutoTokenizer
 
@@ -426,7 +429,7 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hf-layercollapse``."""
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="LayerCollapse for Hugging Face Transformers: inspect models, collapse fine-tuned "

@@ -148,7 +148,7 @@ def push_to_hub(
         model: A collapsed model.
         repo_id: ``"namespace/name"``.
         tokenizer_or_processor: Saved next to the model when given.
-        report: The :func:`~hf_layercollapse.collapse_model` report; default: rebuilt from the plan.
+        report: The :func:`~hf_layercollapse.collapse_model` report; default: rebuilt from the record.
         eval_results, training_info, template_path: See :func:`~hf_layercollapse.card.render_model_card`.
         private: Visibility when the repo is created (``None``: the namespace's default).
         revision: Branch to push to (created when missing); default ``main``.

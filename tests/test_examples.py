@@ -22,6 +22,8 @@ from typing import Any
 import offline_assets as assets
 import pytest
 
+pytestmark = pytest.mark.assets  # every test here runs on the real offline assets
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
 CONFIGS = EXAMPLES / "configs"

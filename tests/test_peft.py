@@ -125,44 +125,6 @@ def test_bad_lora_config_rejected(value, needle):
 # ------------------------------------------------------------------------- LayerCollapse as a PEFT method
 
 
-@pytest.mark.parametrize("name", GRID)
-def test_get_peft_model_then_merge_and_unload_equals_collapse_model(name, tmp_path):
-    model = tiny_model(name)
-    inputs = make_inputs(model)
-    before = outputs(model, inputs)
-    peft_model = get_peft_model(model, hlc.LayerCollapseConfig())
-    assert max_abs_diff(outputs(peft_model, inputs), before) == 0.0  # blend at α = 0 is the original model
-    kinds = trainable_kinds(peft_model)
-    blocks = len(hlc.injected_activations(peft_model))
-    assert kinds == {"lora": 0, "alpha": blocks, "gate_constant": 0, "saved_module": 0, "base": 0}
-    alphas = (1.0, 0.6) if name != "t5" else (1.0, 0.6, 1.0, 0.2)  # collapse only those within τ = 0.05
-    set_alphas(peft_model, *alphas)
-    wrapped = outputs(peft_model, inputs)
-    with peft_model.disable_adapter():
-        assert max_abs_diff(outputs(peft_model, inputs), before) == 0.0
-
-    reference = tiny_model(name)  # the same α with the library's own path
-    hlc.get_collapse_model(reference)
-    set_alphas(reference, *alphas)
-    report = hlc.collapse_model(reference)
-
-    merged = peft_model.merge_and_unload()
-    assert no_peft_left(merged) and type(merged).__name__ == type(reference).__name__
-    assert peft_model.base_model.collapse_report.to_dict() == report.to_dict()
-    assert merged.config.layercollapse["blocks"] == reference.config.layercollapse["blocks"]
-    reference_state = reference.state_dict()
-    assert merged.state_dict().keys() == reference_state.keys()
-    for key, value in merged.state_dict().items():
-        torch.testing.assert_close(value, reference_state[key], rtol=0, atol=0, msg=key)
-    assert max_rel_diff(outputs(merged, inputs), wrapped) < 1e-5
-
-    merged.save_pretrained(tmp_path)
-    loaded = AutoModel.from_pretrained(tmp_path).eval()
-    assert max_abs_diff(outputs(loaded, inputs), outputs(merged, inputs)) < 1e-6
-    kept = {n: a.alpha_value for n, a in hlc.injected_activations(loaded).items()}
-    assert sorted(kept.values()) == pytest.approx(sorted(a for a in alphas if a < 0.95))  # trained α of kept blocks
-
-
 def test_unload_gives_the_original_model_back():
     model = tiny_model("bert")
     inputs = make_inputs(model)

@@ -275,7 +275,7 @@ def trace_units(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None
     found: dict[str, Layout] = {}
     act_owner: dict[str, str] = {}  # activation -> "fc1 -> fc2" of the block it was first seen in
     # a task head on top of a transformers base model can look like a block (ALBERT's pooler → tanh → classifier):
-    # it is none of the transformer's MLPs, and a checkpoint could not record it (plan names are relative to the base)
+    # it is none of the transformer's MLPs, and a checkpoint could not record it (record names are relative to the base)
     base = base_prefix(model) if isinstance(model, PreTrainedModel) else ""
     for node in recorder.nodes:
         if not _is_activation(node):
