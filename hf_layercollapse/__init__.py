@@ -66,6 +66,7 @@ __all__ = [
     "plan_collapse",
     "push_to_hub",
     "refit_linear_targets",
+    "register_peft_method",
     "regularization_loss",
     "render_model_card",
     "save_for_hub",

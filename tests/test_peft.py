@@ -408,3 +408,22 @@ def test_example_smoke_run(tmp_path, minilm_path):
     assert results["collapse"]["params_saved"] == 3 * saved_per_block(384, 1536, bias=True)
     assert results["accuracy_collapsed"] == results["accuracy_reloaded"]
     assert json.loads((tmp_path / "lora_collapse_results.json").read_text())["alphas"] == results["alphas"]
+
+
+def test_registration_refuses_to_overwrite_another_packages_method():
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    ours = PEFT_TYPE_TO_TUNER_MAPPING["LAYERCOLLAPSE"]
+
+    class Foreign:  # another package's tuner under the same name
+        pass
+
+    PEFT_TYPE_TO_TUNER_MAPPING["LAYERCOLLAPSE"] = Foreign
+    try:
+        with pytest.raises(RuntimeError, match="another installed package uses that name"):
+            hlc.register_peft_method()
+        assert PEFT_TYPE_TO_TUNER_MAPPING["LAYERCOLLAPSE"] is Foreign  # left as it was
+    finally:
+        PEFT_TYPE_TO_TUNER_MAPPING["LAYERCOLLAPSE"] = ours
+    hlc.register_peft_method()  # ours again: registering twice is harmless
+    assert PEFT_TYPE_TO_TUNER_MAPPING["LAYERCOLLAPSE"] is ours
