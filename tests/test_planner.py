@@ -11,7 +11,7 @@ from transformers import AutoModel, BertConfig, BertModel, GPT2Config, GPT2LMHea
 
 import hf_layercollapse as hlc
 from hf_layercollapse.calibration import collect_statistics
-from hf_layercollapse.planner import _Objective
+from hf_layercollapse.planner import Objective as _Objective
 from hf_layercollapse.statistics import LeastSquaresRequest, LeastSquaresStats
 from hf_layercollapse.units import replaced_units
 
@@ -114,7 +114,7 @@ def test_plan_orders_blocks_by_their_measured_cost_and_respects_num_blocks():
 def test_planner_measures_block_groups_one_pass_at_a_time(monkeypatch):
     """Beyond the statistics memory budget the planner gathers, measures and drops one group of blocks at a time:
     the same costs and maps as one pass."""
-    import hf_layercollapse.planner as planner
+    import hf_layercollapse.planner.measured as planner
 
     model, data = tiny_bert(), batches()
     whole = hlc.plan_collapse(model, data, num_blocks=2, show_progress=False)
@@ -149,7 +149,7 @@ def test_applied_plan_equals_the_measured_replacement_and_reloads(tmp_path):
     plan = hlc.plan_collapse(model, data, num_blocks=3, show_progress=False)
     ids = data[0]["input_ids"]
     blocks = {b.name: b for b in hlc.find_mlp_blocks(model)}
-    from hf_layercollapse.planner import _replacement
+    from hf_layercollapse.planner.plan import replacement as _replacement
 
     with torch.no_grad(), replaced_units(model, {blocks[p.name]: _replacement(model, p) for p in plan.selected}):
         expected = model(ids).last_hidden_state

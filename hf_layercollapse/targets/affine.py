@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from ..modules import projection_from
 from ..statistics import LeastSquaresRequest, Request, Statistics
-from ..units import Layout
+from ..units import Layout, MLPLayout
 from .base import Host, LinearTarget
 
 
@@ -45,7 +45,7 @@ class Affine(LinearTarget):
         return "relative_least_squares" if self.relative else "least_squares"
 
     def supports(self, layout: Layout) -> bool:
-        return True
+        return isinstance(layout, MLPLayout)
 
     def requests(self, layout: Layout) -> tuple[Request, ...]:
         return (LeastSquaresRequest(relative=self.relative),)

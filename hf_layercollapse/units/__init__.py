@@ -8,6 +8,7 @@ import re
 import torch
 from torch import nn
 
+from .decoder import Cut, DecoderStack, SpanLayout, cut_layers, decoder_stack
 from .layout import (
     BlockKind,
     ConstantGate,
@@ -16,6 +17,7 @@ from .layout import (
     GatedLayout,
     Layout,
     MLPBlock,
+    MLPLayout,
     PlainLayout,
     Tap,
     Unit,
@@ -29,14 +31,20 @@ __all__ = [
     "BlockKind",
     "ConstantGate",
     "Costs",
+    "Cut",
+    "DecoderStack",
     "DuplicateInput",
     "GatedLayout",
     "Layout",
     "MLPBlock",
+    "MLPLayout",
     "PlainLayout",
+    "SpanLayout",
     "Tap",
     "Unit",
     "check_not_moe",
+    "cut_layers",
+    "decoder_stack",
     "dummy_inputs",
     "find_mlp_blocks",
     "replaced_units",

@@ -31,6 +31,7 @@ class BlockKind(str, Enum):
 
     PLAIN = "plain"  # fc2(act(fc1(x))): one matrix when act is linear
     GATED = "gated"  # down(act(gate(x)) * up(x)): bilinear when act is linear; one matrix with a constant gate
+    SPAN = "span"  # consecutive decoder layers, replaced by a linear map fused into the layer before them
 
 
 class Costs(NamedTuple):
@@ -53,6 +54,8 @@ class Tap:
 
     def read(self, args: tuple, output: Any) -> torch.Tensor:
         tensor = output if self.post else args[0]
+        if isinstance(tensor, (tuple, list)):  # a decoder layer that returns (hidden_states, ...)
+            tensor = tensor[0]
         return tensor[..., tensor.shape[-1] // 2:] if self.half else tensor
 
 
@@ -63,8 +66,6 @@ class Layout(ABC):
     """Where a unit's modules sit inside its owner, and what follows from that (see the module docstring)."""
 
     kind: ClassVar[BlockKind]
-    act: str
-    dropouts: tuple[str, ...]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -75,35 +76,30 @@ class Layout(ABC):
     @property
     @abstractmethod
     def inputs(self) -> tuple[str, ...]:
-        """The projections that read the unit's input ``x``."""
+        """The modules that read the unit's input ``x``."""
 
     @property
     @abstractmethod
     def output(self) -> str:
-        """The projection that writes the unit's output ``y``."""
+        """The module that writes the unit's output ``y``."""
 
     @property
     def input(self) -> str:
-        """The first projection that reads the unit's input (fc1; a gated block's up projection)."""
+        """The first module that reads the unit's input (fc1; a gated block's up projection)."""
         return self.inputs[0]
 
     @property
+    @abstractmethod
     def parts(self) -> tuple[str, ...]:
-        """Every module path of the unit (projections and activation), without repeats."""
-        return tuple(dict.fromkeys((*self.inputs, self.act, self.output)))
+        """Every module path of the unit, without repeats."""
 
     @abstractmethod
-    def channels(self, owner: nn.Module) -> int:
-        """Intermediate channels (the activation's width)."""
-
     def dims(self, owner: nn.Module) -> Dims:
         """Feature sizes of the unit's taps."""
-        d_in = projection_shape(owner.get_submodule(self.inputs[0]))[0]
-        return Dims(d_in, self.channels(owner), projection_shape(owner.get_submodule(self.output))[1])
 
     @abstractmethod
     def taps(self) -> dict[str, Tap]:
-        """Where each tap (``x``, ``z``, ``g``, ``u``, ``y``) is read, in the order a forward pass reaches them."""
+        """Where each tap is read, in the order a forward pass reaches them."""
 
     @abstractmethod
     def check(self, owner: nn.Module) -> None:
@@ -126,38 +122,13 @@ class Layout(ABC):
         return {p: owner.get_submodule(p) for p in self.parts}
 
     # ------------------------------------------------------------------------------------------ merging
+    @abstractmethod
     def costs(self, owner: nn.Module, merged_bias: bool) -> Costs:
-        """:class:`Costs` of replacing the unit by one ``d_in → d_out`` projection (with a bias or not)."""
-        projections = [owner.get_submodule(p) for p in dict.fromkeys((*self.inputs, self.output))]
-        params = sum(p.numel() for m in projections for p in m.parameters(recurse=False))
-        flops = sum(2 * projection_shape(m)[0] * projection_shape(m)[1] for m in projections)
-        d_in, _, d_out = self.dims(owner)
-        return Costs(params, d_in * d_out + (d_out if merged_bias else 0), flops, 2 * d_in * d_out)
+        """:class:`Costs` of replacing the unit by what it merges into (with a bias or not)."""
 
-    def projection_bias(self, owner: nn.Module) -> bool:
-        """Whether the merged projection has a bias when the unit's own projections bring one (a ``Conv1D`` always
-        has one)."""
-        modules = [owner.get_submodule(p) for p in (self._bias_input, self.output)]
-        return any(m.bias is not None for m in modules) or isinstance(modules[-1], Conv1D)
-
-    @property
     @abstractmethod
-    def _bias_input(self) -> str:
-        """The input projection whose bias reaches the merged map (the gate's does not: the gate becomes constant)."""
-
     def install(self, owner: nn.Module, merged: nn.Module) -> None:
-        """Put ``merged`` in the output projection's place and make the other modules pass ``x`` through to it (the
-        call sites stay as they are, so any architecture keeps working)."""
-        set_module(owner, self.output, merged)
-        for name, module in self._pass_through().items():
-            set_module(owner, name, module)
-            # transformers re-initialises modules on loading; a parent whose own _init_weights reads the removed
-            # projections (T5's wi/wo) must be skipped: the merged weights come from the checkpoint.
-            submodule(owner, name.rpartition(".")[0])._is_hf_initialized = True
-
-    @abstractmethod
-    def _pass_through(self) -> dict[str, nn.Module]:
-        """The modules that replace the unit's other modules once it is merged."""
+        """Put the merged projection in the unit's place."""
 
     # ------------------------------------------------------------------------------------------ record
     def to_dict(self) -> dict[str, Any]:
@@ -225,8 +196,60 @@ def _check_mlp(owner: nn.Module, modules: dict[str, nn.Module], inputs: tuple[st
         raise _Mismatch(f"{output!r} reads {down_in} features but the activation has {hidden} channels")
 
 
+class MLPLayout(Layout):
+    """An MLP block: projections around one activation, merged into one ``d_in → d_out`` projection."""
+
+    act: str
+    dropouts: tuple[str, ...]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Every module path of the unit (projections and activation), without repeats."""
+        return tuple(dict.fromkeys((*self.inputs, self.act, self.output)))
+
+    @abstractmethod
+    def channels(self, owner: nn.Module) -> int:
+        """Intermediate channels (the activation's width)."""
+
+    def dims(self, owner: nn.Module) -> Dims:
+        d_in = projection_shape(owner.get_submodule(self.inputs[0]))[0]
+        return Dims(d_in, self.channels(owner), projection_shape(owner.get_submodule(self.output))[1])
+
+    def costs(self, owner: nn.Module, merged_bias: bool) -> Costs:
+        projections = [owner.get_submodule(p) for p in dict.fromkeys((*self.inputs, self.output))]
+        params = sum(p.numel() for m in projections for p in m.parameters(recurse=False))
+        flops = sum(2 * projection_shape(m)[0] * projection_shape(m)[1] for m in projections)
+        d_in, _, d_out = self.dims(owner)
+        return Costs(params, d_in * d_out + (d_out if merged_bias else 0), flops, 2 * d_in * d_out)
+
+    def projection_bias(self, owner: nn.Module) -> bool:
+        """Whether the merged projection has a bias when the unit's own projections bring one (a ``Conv1D`` always
+        has one)."""
+        modules = [owner.get_submodule(p) for p in (self._bias_input, self.output)]
+        return any(m.bias is not None for m in modules) or isinstance(modules[-1], Conv1D)
+
+    @property
+    @abstractmethod
+    def _bias_input(self) -> str:
+        """The input projection whose bias reaches the merged map (the gate's does not: the gate becomes constant)."""
+
+    def install(self, owner: nn.Module, merged: nn.Module) -> None:
+        """Put ``merged`` in the output projection's place and make the other modules pass ``x`` through to it (the
+        call sites stay as they are, so any architecture keeps working)."""
+        set_module(owner, self.output, merged)
+        for name, module in self._pass_through().items():
+            set_module(owner, name, module)
+            # transformers re-initialises modules on loading; a parent whose own _init_weights reads the removed
+            # projections (T5's wi/wo) must be skipped: the merged weights come from the checkpoint.
+            submodule(owner, name.rpartition(".")[0])._is_hf_initialized = True
+
+    @abstractmethod
+    def _pass_through(self) -> dict[str, nn.Module]:
+        """The modules that replace the unit's other modules once it is merged."""
+
+
 @dataclass(frozen=True)
-class PlainLayout(Layout):
+class PlainLayout(MLPLayout):
     """``fc2(act(fc1(x)))``, with dropouts in between (identities at evaluation)."""
 
     kind: ClassVar[BlockKind] = BlockKind.PLAIN
@@ -276,7 +299,7 @@ class PlainLayout(Layout):
 
 
 @dataclass(frozen=True)
-class GatedLayout(Layout):
+class GatedLayout(MLPLayout):
     """``down(act(gate(x)) ⊙ up(x))``; ``gate == up`` is a fused ``gate_up_proj`` whose first half is the gate and
     second half the up projection (Phi-3)."""
 
