@@ -243,8 +243,8 @@ def jobs(args) -> list[dict]:
             found += [{**base, "method": m, "calibration": "shakespeare", "windows": windows_, "layers": 4}
                       for m in ("shortgpt", "replaceme", "planner")]
         return found
-    for domain in DOMAINS:
-        for layers in BUDGET_LAYERS:
+    for domain in args.calibrations:
+        for layers in args.budgets:
             for method in args.methods:
                 if method == "planner-mlp" and layers != 4:
                     continue  # the measured planner: one budget, 4k tokens (one evaluation per candidate merge)
@@ -326,6 +326,9 @@ def main() -> None:
     parser.add_argument("--tiny", default=None, help=argparse.SUPPRESS)  # --quick: a tiny model folder
     parser.add_argument("--sweep", action="store_true", help="calibration sizes 4k, 16k, 64k at a 4-layer budget")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGET_LAYERS), help="budgets in layers")
+    parser.add_argument("--calibrations", nargs="+", default=list(DOMAINS), choices=DOMAINS,
+                        help="the texts to calibrate on (each method is measured on both)")
     parser.add_argument("--windows", type=int, default=64, help="calibration windows of 256 tokens (default 16k)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None)

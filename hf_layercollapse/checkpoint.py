@@ -32,6 +32,7 @@ from .config import CollapseConfig
 from .errors import LayerCollapseConfigError
 from .modules import base_prefix, empty_projection, join
 from .record import RECORD_KEY, CollapseRecord, UnitRecord, hub_model_id
+from .saving import atomic_folder, clean_stale, verify_manifest
 from .units import Unit
 from .version import __version__
 
@@ -40,10 +41,17 @@ INSTALL_HINT = "pip install hf-layercollapse"
 
 
 # ---------------------------------------------------------------------------------------------------- configs
+#: Written into every checkpoint's config.json, for whoever opens it without the library installed (transformers then
+#: only says that it does not know the model type).
+REQUIRES_NOTE = (f"This checkpoint has LayerCollapse blocks: `{INSTALL_HINT}`, then `import hf_layercollapse` before "
+                 "AutoModel...from_pretrained (no trust_remote_code needed).")
+
+
 def _to_dict(self) -> dict[str, Any]:
     output = super(type(self), self).to_dict()
     output["base_model_type"] = output["model_type"]
     output["model_type"] = MODEL_TYPE
+    output["layercollapse_requires"] = REQUIRES_NOTE
     return output
 
 
@@ -80,6 +88,7 @@ class LayerCollapseCheckpointConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
         config_dict = dict(config_dict)
+        config_dict.pop("layercollapse_requires", None)
         base_type = config_dict.pop("base_model_type", None)
         if base_type is None:
             raise LayerCollapseConfigError(
@@ -167,13 +176,27 @@ class _CollapsedModelMixin:
         """The transformers class this class derives from."""
         return next(b for b in cls.__mro__ if not issubclass(b, _CollapsedModelMixin))
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, atomic at the level of the folder and with a manifest of the files
+        (:mod:`hf_layercollapse.saving`): a save killed half-way leaves the previous checkpoint as it was, and no
+        weight file of an earlier save survives beside the new ones."""
+        if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with atomic_folder(save_directory) as folder:
+            result = super().save_pretrained(folder, *args, **kwargs)
+        return result
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        local = Path(str(source), kwargs.get("subfolder") or "") if source is not None else None
+        if local is not None and local.is_dir():
+            clean_stale(local)
+            verify_manifest(local)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except SafetensorError as err:  # its message names no file: say which one is unreadable
-            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise OSError(
                 f"Cannot load the weights of {source}: {_unreadable_weight_files(source, kwargs.get('subfolder'))} "
                 f"is not a valid safetensors file ({err}). It is truncated or corrupt: download or save it again."

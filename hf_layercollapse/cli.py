@@ -282,9 +282,14 @@ def configure_plan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=256, help="calibration examples to use")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (padded/truncated)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--units", default="mlp",
+                        help="unit kinds to consider, comma-separated: mlp (MLP blocks), layer (a decoder layer), "
+                             "span (consecutive decoder layers); layers and spans alone give a stock checkpoint "
+                             "(default: mlp)")
     budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--num-blocks", type=int, help="collapse the N cheapest blocks")
+    budget.add_argument("--num-blocks", type=int, help="collapse the N cheapest MLP blocks")
     budget.add_argument("--params-fraction", type=float, help="remove at least this fraction of the parameters")
+    budget.add_argument("--num-params", type=int, help="remove at least this many parameters")
     budget.add_argument("--max-loss-increase", type=float, help="largest accepted increase of the objective")
 
 
@@ -324,7 +329,7 @@ def run_plan(args: argparse.Namespace) -> int:
     batches = _calibration_batches(args, source)
     model = _load_model(source, config)
     plan = plan_collapse(model, batches, num_blocks=args.num_blocks, params_fraction=args.params_fraction,
-                         max_loss_increase=args.max_loss_increase)
+                         num_params=args.num_params, max_loss_increase=args.max_loss_increase, units=args.units)
     plan.save(args.output)
     print(plan)
     print(f"plan written to {args.output}; apply it with: {PROG} collapse {args.model} OUT_DIR --plan {args.output}")

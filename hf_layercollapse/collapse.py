@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from .activation import CollapsibleModule, injected_activations
@@ -146,13 +147,28 @@ def collapse_model(
                 "their non-linear part. Train longer (or raise reg_weight), or pass force=True."
             )
     units = {name: Unit(name, i, act.layout) for i, (name, act) in enumerate(injected.items())}
-    check_no_unmerged_adapters(model, [units[n] for n in names
-                                       if force or abs(1.0 - injected[n].alpha_value) <= threshold])
+    merging = [n for n in names if force or abs(1.0 - injected[n].alpha_value) <= threshold]
+    check_no_unmerged_adapters(model, [units[n] for n in merging])
+    _check_finite(model, [(units[n], injected[n]) for n in merging])
     report = CollapseReport(model_params_before=model_params(model), threshold=threshold)
     for name, host in injected.items():
         report.blocks.append(_collapse_unit(model, units[name], host, name in names, threshold, force))
     report.model_params_after = model_params(model)
     return report
+
+
+def _check_finite(model: nn.Module, units: list[tuple[Unit, CollapsibleModule]]) -> None:
+    """Refuse to merge a unit whose weights or target hold NaN or infinite values (a diverged run): the merged
+    projection would be garbage that loads without complaint."""
+    for unit, host in units:
+        owner = unit.owner(model)
+        tensors = {f"{part}.{name}": t for part in (*unit.layout.inputs, unit.layout.output)
+                   for name, t in owner.get_submodule(part).named_parameters(recurse=False)}
+        tensors.update({f"{unit.layout.act}.{k}": v for k, v in host.target_tensors().items()})
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"Block {unit.name!r} has NaN or infinite values in {bad}: training diverged. Nothing was "
+                             "merged; train again from a checkpoint before the divergence.")
 
 
 def _resolve(blocks: list[str], names: list[str]) -> list[str]:

@@ -8,3 +8,8 @@ class LayerCollapseConfigError(ValueError):
 
     The message names the field (or the unit) and the file it came from, and says what to do.
     """
+
+
+class CheckpointIntegrityError(LayerCollapseConfigError, OSError):
+    """A saved folder does not hold what its manifest says: a file is missing, changed or truncated, or a weight file
+    of another save lies beside the checkpoint. The message names the file."""

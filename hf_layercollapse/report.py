@@ -39,6 +39,8 @@ class CollapseReport:
     model_params_before: int = 0
     model_params_after: int = 0
     threshold: float | None = None
+    #: what a reader should know besides the table (a plan that cut decoder layers: whether the result is stock)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def collapsed(self) -> list[BlockReport]:
@@ -68,6 +70,7 @@ class CollapseReport:
             "params_saved_fraction": self.params_saved / self.model_params_before if self.model_params_before else 0.0,
             "collapsed_flops_per_token_before": self.flops_before,
             "collapsed_flops_per_token_after": self.flops_after,
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
     def __str__(self) -> str:
@@ -87,4 +90,5 @@ class CollapseReport:
             f"collapsed {len(self.collapsed)} of {len(self.blocks)} blocks; model parameters {before:,} -> "
             f"{after:,}, saved {self.params_saved:,}{fraction}"
         )
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)

@@ -45,7 +45,9 @@ from transformers import (
 )
 
 import hf_layercollapse as hlc
+from hf_layercollapse.errors import CheckpointIntegrityError
 from hf_layercollapse.record import RECORD_KEY
+from hf_layercollapse.saving import MANIFEST_NAME
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack", ".safetensors")
 
@@ -446,6 +448,9 @@ def test_missing_plan_weight_is_an_error(saved_bert, key):
     assert key in tensors
     del tensors[key]
     save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointIntegrityError, match=r"model\.safetensors is not the file"):
+        AutoModel.from_pretrained(saved_bert)  # the manifest knows the file was rewritten
+    (saved_bert / MANIFEST_NAME).unlink()  # a checkpoint without one (hf_layercollapse 0.1, a Hub download)
     with pytest.raises(hlc.LayerCollapseConfigError, match=key.replace(".", r"\.")):
         AutoModel.from_pretrained(saved_bert)
 
@@ -490,6 +495,7 @@ def test_a_new_head_size_is_not_called_a_corrupt_checkpoint(tmp_path):
     key = "bert.encoder.layer.0.output.dense.weight"  # the collapsed block's merged projection
     tensors[key] = tensors[key][:, :-1].contiguous()
     save_file(tensors, weights, metadata={"format": "pt"})
+    (tmp_path / "ckpt" / MANIFEST_NAME).unlink()  # without the manifest, which would name the rewritten file first
     with pytest.raises(hlc.LayerCollapseConfigError, match="corrupt or belongs to another model"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoModel, AutoModelForCausalLM, BertTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, BertTokenizer
 
 if str(Path(__file__).parent) not in sys.path:  # robust to --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
@@ -281,3 +281,33 @@ def test_plan_then_collapse_with_the_plan(injected: tuple[Path, torch.nn.Module]
     code, message = _errors(capsys, ["plan", str(directory), "--data", str(tmp_path / "missing.txt"), "--output",
                                      str(plan_dir), "--num-blocks", "1"])
     assert code == 1 and "no such file" in message
+
+
+def test_plan_layers_and_spans_of_a_decoder_then_collapse_to_a_stock_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`plan --units layer,span --num-params`: the table names each unit's kind; `collapse --plan` cuts the layers
+    and writes a stock Llama checkpoint (no LayerCollapse record) that says so."""
+    from helpers import HEADS, TEXT
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **{**TEXT, "num_hidden_layers": 5}, num_key_value_heads=HEADS)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    source = tmp_path / "llama"
+    model.save_pretrained(source)
+    (source / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]))
+    BertTokenizer(str(source / "vocab.txt")).save_pretrained(source)
+    data = tmp_path / "calibration.txt"
+    data.write_text("\n".join(["hello world hello", "world hello", "hello hello world world"] * 8))
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert main(["plan", str(source), "--data", str(data), "--output", str(tmp_path / "plan"), "--units",
+                 "layer,span", "--num-params", str(layer), "--max-length", "8", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert " span " in printed and "held-out fit" in printed
+    assert main(["collapse", str(source), str(tmp_path / "out"), "--plan", str(tmp_path / "plan")]) == 0
+    printed = capsys.readouterr().out
+    assert "stock LlamaForCausalLM" in printed
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["model_type"] == "llama" and saved["num_hidden_layers"] < 5 and "layercollapse" not in saved
+    code, message = _errors(capsys, ["plan", str(source), "--data", str(data), "--output", str(tmp_path / "p2"),
+                                     "--units", "mlp,blocks", "--num-params", "10"])
+    assert code == 1 and "units=" in message

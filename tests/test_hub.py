@@ -111,6 +111,7 @@ def test_push_is_one_commit_with_every_file(hub: HubServer, client: dict[str, An
     assert first.parent is not None and repo.commits[first.parent].title == "initial commit"
     assert first.title.startswith("Upload LayerCollapse model (1 collapsed blocks")
     assert set(first.files) == {".gitattributes", "README.md", "config.json", "model.safetensors", "tokenizer.json",
+                                "layercollapse_manifest.json",
                                 "tokenizer_config.json", "layercollapse_report.json", "layercollapse_chart.png"}
     assert first.files["model.safetensors"].lfs and first.files["layercollapse_chart.png"].lfs
     assert json.loads(first.files["config.json"].data)["model_type"] == "hf_layercollapse"

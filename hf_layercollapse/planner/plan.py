@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..errors import LayerCollapseConfigError
 from ..modules import PROJECTIONS, base_prefix, join
 from ..record import CollapseRecord
 from ..report import BlockReport, CollapseReport
+from ..saving import atomic_folder
 from ..targets import Affine, Identity
 from ..units import BlockKind, Cut, Layout, SpanLayout, Unit, cut_layers, decoder_stack, find_mlp_blocks
 
@@ -169,18 +171,14 @@ class CollapsePlan:
         return apply_plan(model, self)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``collapse_plan.json`` and the chosen maps (``collapse_plan.safetensors``) to ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``collapse_plan.json`` and the chosen maps (``collapse_plan.safetensors``) to ``directory``, atomically
+        (a reader sees the previous plan or this one)."""
         tensors = {f"{b.name}.{k}": v.contiguous() for b in self.candidates
                    for k, v in (("weight", b.weight), ("bias", b.bias)) if v is not None}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, directory / WEIGHTS_FILE)
-        tmp = directory / (PLAN_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, directory / PLAN_FILE)
-        return directory
+        with atomic_folder(directory, owned=tuple(re.escape(n) for n in (PLAN_FILE, WEIGHTS_FILE))) as folder:
+            save_file(tensors, str(folder / WEIGHTS_FILE))
+            (folder / PLAN_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CollapsePlan:
@@ -279,6 +277,15 @@ def apply_plan(model: nn.Module, plan: CollapsePlan) -> CollapseReport:
         name = planned.name if mapping is None else _renamed(planned.name, mapping[0], mapping[1])
         install_merge(model, Unit(name, 0, planned.layout), merged, alpha=alpha, method=planned.method)
         report.blocks.append(BlockReport(name, planned.layout.kind.value, alpha, "collapsed", planned.method, *costs))
+    if mapping is not None:
+        removed = sum(p.layout.length for p in spans)
+        if CollapseRecord.of(model) is None:
+            report.notes.append(f"{removed} decoder layers removed: the model is the stock {type(model).__name__} "
+                                f"with {model.config.num_hidden_layers} layers; it saves with save_pretrained and "
+                                "loads with plain transformers and other engines, without hf_layercollapse.")
+        else:
+            report.notes.append(f"{removed} decoder layers removed; the merged MLP blocks make it a LayerCollapse "
+                                "checkpoint (it loads after `import hf_layercollapse`).")
     spans_first = [r for r in report.blocks if r.kind == BlockKind.SPAN.value]  # named by their old indices
     report.blocks = spans_first + in_model_order(model, [r for r in report.blocks if r not in spans_first])
     report.model_params_after = model_params(model)

@@ -12,13 +12,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from peft import PeftModel
 from torch import nn
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..activation import injected_activations
 from ..collapse import collapse_model
@@ -30,6 +34,27 @@ from .arguments import CollapseArguments
 from .callbacks import ProgressiveSchedule, RefitTargets, _ClampAlphaCallback
 
 logger = logging.getLogger(__name__)
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that holds its ``trainer_state.json`` (the Trainer writes
+    it after the model and optimizer: a folder without it was interrupted); a clear error when there is none."""
+    folder = Path(output_dir)
+    found = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else [])
+                   if p.is_dir() and (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name)))
+    partial = []
+    for _, path in reversed(found):
+        if (path / TRAINER_STATE_NAME).is_file():
+            if partial:
+                logger.warning("Resuming from %s: the newer %s %s incomplete (interrupted while saving) and %s "
+                               "passed over.", path, ", ".join(str(p) for p in partial),
+                               "is" if len(partial) == 1 else "are", "was" if len(partial) == 1 else "were")
+            return str(path)
+        partial.append(path)
+    detail = f" ({', '.join(str(p) for p in partial)} {'is' if len(partial) == 1 else 'are'} incomplete)" if partial \
+        else ""
+    raise ValueError(f"resume_from_checkpoint=True: {output_dir} holds no complete checkpoint{detail}. Start "
+                     "without resume_from_checkpoint, or give the path of a checkpoint folder.")
+
 
 class LayerCollapseTrainerMixin:
     """Adds LayerCollapse to a ``transformers.Trainer`` subclass (see :class:`LayerCollapseTrainer`)."""
@@ -222,8 +247,12 @@ class LayerCollapseTrainerMixin:
                 handle.write(self.args.to_json_string())
 
     # ------------------------------------------------------------------------------------------------ train
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint of
+        ``output_dir`` (one a kill interrupted while it was written is passed over, with a warning naming it)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.collapse_args.collapse_at_end:
             self.collapse_and_save()
         return output

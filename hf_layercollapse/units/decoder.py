@@ -151,21 +151,32 @@ def decoder_stack(model: nn.Module, mlps: list[Unit]) -> DecoderStack:
                      "units=('mlp',).")
 
 
+@torch.no_grad()
 def _adds_mlp_output(model: nn.Module, layers: nn.ModuleList, mlp: str) -> bool:
-    """Whether the layers add their MLP's output to the residual stream as it is (``out = h' + mlp(...)``), judged by
-    structure: Gemma-2 and -3 normalise the MLP output first (``post_feedforward_layernorm``), so a map fused into
-    its output projection would not act linearly on the residual stream there."""
-    layer = layers[0]
-    names = {n for n, _ in layer.named_modules()}
-    return not any("post_feedforward" in n or "post_mlp" in n for n in names) and _has_module(layer, mlp)
+    """Whether the layers add their MLP's output to the residual stream as it is (``out = h' + mlp(...)``), checked
+    on the first layer with one small forward pass: with the MLP's output set to zero the layer must give
+    ``out − M``. (Gemma-2 and -3 normalise the MLP output first; a map fused into its output projection would not act
+    linearly on the residual stream there.)"""
+    from .tracing import dummy_inputs
 
+    layer, block = layers[0], layers[0].get_submodule(mlp)
+    seen: dict[str, torch.Tensor] = {}
 
-def _has_module(layer: nn.Module, path: str) -> bool:
+    def keep(name):
+        return lambda m, args, out: seen.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+
+    inputs = {k: v for k, v in dummy_inputs(model).items() if k != "labels"}
+    handles = [layer.register_forward_hook(keep("out")), block.register_forward_hook(keep("mlp"))]
     try:
-        layer.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+        model(**inputs)
+        out, mlp_out = seen["out"].clone(), seen["mlp"].clone()
+        handles.append(block.register_forward_hook(lambda m, args, out: torch.zeros_like(out)))
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = out - mlp_out
+    return bool((seen["out"] - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1e-6))
 
 
 @dataclass(frozen=True)
