@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .modules import WrappedActivation, set_module
+from .modules import WrappedActivation, out_of_place, set_module
 from .targets import Identity, LinearTarget
 from .units import Layout, Unit
 
@@ -114,7 +114,7 @@ class CollapsibleActivation(CollapsibleModule):
     def __init__(self, activation: nn.Module, target: LinearTarget | None = None, init_alpha: float = 0.0,
                  tensors: Mapping[str, torch.Tensor] | None = None, layout: Layout | None = None) -> None:
         super().__init__()
-        self.activation = activation
+        self.activation = out_of_place(activation)
         self.target = target if target is not None else Identity()
         self.layout = layout
         self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))

@@ -16,6 +16,7 @@ the checkpoint: it never loads the original architecture with random MLP weights
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any
@@ -294,7 +295,12 @@ def mark_model(model: PreTrainedModel) -> None:
     writes a checkpoint that only loads with hf_layercollapse (and then loads exactly)."""
     config_cls = collapsed_config_class(type(model.config))
     if type(model.config) is not config_cls:
-        model.config.__class__ = config_cls
+        # a copy of the derived class: the user's config object (from_config(config) shares it) keeps its class
+        original, derived = model.config, copy.deepcopy(model.config)
+        derived.__class__ = config_cls
+        for module in model.modules():
+            if getattr(module, "config", None) is original:
+                module.config = derived
         register_auto_classes(config_cls)
     if not issubclass(type(model), _CollapsedModelMixin):
         model.__class__ = collapsed_model_class(type(model))

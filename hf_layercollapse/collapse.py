@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from .activation import CollapsibleModule, injected_activations
 from .checkpoint import record_unit
-from .modules import module_order, projection_shape
+from .modules import module_order, projection_shape, set_module
 from .record import CollapseRecord, UnitRecord
 from .report import BlockReport, CollapseReport
-from .units import Costs, Layout, Unit
+from .units import Costs, Layout, Unit, dummy_inputs
+
+logger = logging.getLogger(__name__)
 
 
 def unit_costs(owner: nn.Module, layout: Layout, host: CollapsibleModule | None = None) -> Costs:
@@ -81,6 +85,7 @@ def collapse_model(
     threshold: float | None = None,
     force: bool = False,
     plan=None,
+    verify: bool = True,
 ) -> CollapseReport:
     """Merge, in place, every injected MLP block whose α is within ``threshold`` of 1 into one projection.
 
@@ -98,6 +103,10 @@ def collapse_model(
             ``W2·diag(a)·W1·x + b``, or the constant gate, or it is the affine target; the non-linear part is
             dropped).
         plan: A collapse plan (see above); ``blocks``, ``threshold`` and ``force`` must then be left unset.
+        verify: Check every merge on a probe input before keeping it: the module holding each merged block must
+            give the same output as before with the block at α = 1 (what the merge computes). An inexact merge (an
+            architecture whose block this library reads wrongly) is refused with the block's name and the model is
+            left as it was. Models without a ``transformers`` config (no probe input) are not checked.
 
     Returns:
         A :class:`~hf_layercollapse.CollapseReport` with α, parameters and FLOPs per block.
@@ -151,10 +160,123 @@ def collapse_model(
     check_no_unmerged_adapters(model, [units[n] for n in merging])
     _check_finite(model, [(units[n], injected[n]) for n in merging])
     report = CollapseReport(model_params_before=model_params(model), threshold=threshold)
+    probe = _MergeProbe(model, [(units[n], injected[n]) for n in merging]) if verify and merging else None
     for name, host in injected.items():
         report.blocks.append(_collapse_unit(model, units[name], host, name in names, threshold, force))
+    if probe is not None:
+        probe.verify()
     report.model_params_after = model_params(model)
     return report
+
+
+class _MergeProbe:
+    """The output of the module holding each unit about to merge, at α = 1, on a probe input (its inputs kept);
+    :meth:`verify` replays those inputs after the merges and restores every unit when one differs."""
+
+    def __init__(self, model: nn.Module, units: list[tuple[Unit, CollapsibleModule]]) -> None:
+        self.model, self.units, self.seen = model, units, {}
+        self.saved = {unit.name: {path: unit.owner(model).get_submodule(path)
+                                  for path in (*unit.layout._pass_through(), unit.layout.output)}
+                      for unit, _ in units}
+        try:
+            inputs = dummy_inputs(model)
+        except (ValueError, TypeError, AttributeError) as err:
+            logger.debug("Merges not verified: no probe input (%s)", err)
+            self.units = []
+            return
+        alphas = [host.alpha.detach().clone() for _, host in units]
+        hooks = [unit.owner(model).register_forward_hook(self._recorder(unit.name), with_kwargs=True)
+                 for unit, _ in units]
+        training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                for _, host in units:
+                    host.alpha.fill_(1.0)
+                model(**inputs)
+        except Exception as err:  # any failure of the probe forward only skips the check
+            logger.warning("Merges not verified: the probe forward pass failed (%s: %s).", type(err).__name__, err)
+            self.seen = {}
+        finally:
+            for hook in hooks:
+                hook.remove()
+            with torch.no_grad():
+                for (_, host), alpha in zip(units, alphas):
+                    host.alpha.copy_(alpha)
+            model.train(training)
+        missing = [unit.name for unit, _ in units if unit.name not in self.seen]
+        if missing and self.seen:
+            logger.warning("Merges of %s not verified: the probe forward pass does not reach them.", missing)
+
+    def _recorder(self, name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if name not in self.seen:  # a module called twice (shared weights) is checked on its first call
+                self.seen[name] = (_detached(args), _detached(kwargs), _tensors(output))
+        return record
+
+    def verify(self) -> None:
+        training = self.model.training
+        self.model.eval()
+        wrong = []
+        try:
+            with torch.no_grad():
+                for unit, _ in self.units:
+                    if unit.name not in self.seen:
+                        continue
+                    args, kwargs, expected = self.seen[unit.name]
+                    found = _tensors(unit.owner(self.model)(*args, **kwargs))
+                    error = _mismatch(expected, found)
+                    if error is not None:
+                        wrong.append(f"{unit.name!r} ({error})")
+        finally:
+            self.model.train(training)
+        if wrong:
+            for unit, _ in self.units:
+                for path, module in self.saved[unit.name].items():
+                    set_module(unit.owner(self.model), path, module)
+            raise ValueError(
+                f"Merging changed the output of blocks {', '.join(wrong)} beyond rounding: this library reads their "
+                "structure wrongly (e.g. a fused projection split in another order). Nothing was merged. Leave them "
+                "out (collapse_model(model, blocks=[...]) with the others, or exclude_modules at injection) and report "
+                "the architecture at https://github.com/hf-layercollapse/hf-layercollapse/issues."
+            )
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value) if not hasattr(value, "_fields") else value
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value.detach().clone()]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _mismatch(expected: list[torch.Tensor], found: list[torch.Tensor]) -> str | None:
+    """A description of the largest difference beyond rounding of the tensors' dtype, else None."""
+    if len(expected) != len(found):
+        return f"{len(found)} outputs instead of {len(expected)}"
+    for a, b in zip(expected, found):
+        if not a.is_floating_point() or a.numel() == 0:
+            continue
+        if a.shape != b.shape:
+            return f"shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        relative, absolute = (1e-4, 1e-7) if a.dtype in (torch.float32, torch.float64) else (3e-2, 1e-3)
+        scale = float(a.abs().max())
+        error = float((a.float() - b.float()).abs().max())
+        if not error <= relative * scale + absolute:  # NaN fails too
+            return f"max |difference| {error:.3g} for outputs of magnitude {scale:.3g}"
+    return None
 
 
 def _check_finite(model: nn.Module, units: list[tuple[Unit, CollapsibleModule]]) -> None:

@@ -12,10 +12,10 @@ from .activation import CollapsibleActivation, inject_unit, injected_activations
 from .calibration import fit_targets
 from .checkpoint import record_unit
 from .config import CollapseConfig
-from .modules import WrappedActivation
+from .modules import WrappedActivation, set_module
 from .record import UnitRecord
 from .targets import target_for
-from .units import Unit, check_not_moe, find_mlp_blocks, select_units
+from .units import Unit, check_not_moe, dummy_inputs, find_mlp_blocks, select_units
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,65 @@ def check_not_shared(model: nn.Module, units: list[Unit]) -> None:
                         f"The weights of {part!r} are shared with {sorted(foreign)}: collapsing block "
                         f"{unit.name!r} would untie them. Exclude it with exclude_modules=[{unit.name!r}]."
                     )
+
+
+class _CallProbe(WrappedActivation):
+    """Stands in a unit's activation for one forward pass, counting its calls."""
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.activation, self.calls = activation, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.activation(*args, **kwargs)
+
+
+def check_called(model: nn.Module, units: list[Unit], example_inputs: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse units whose activation the forward pass reaches by another way than its registered place (a plain
+    Python list of layers that the forward loops over, as some detection heads keep): an injected activation would
+    never run, and the collapse would drop projections the forward still uses. One forward pass on
+    ``example_inputs`` (or dummy inputs from the config) with a counting stand-in in each activation's place; units
+    the pass does not reach at all (a vision tower given text) are not judged. Nothing to check without inputs."""
+    try:
+        inputs = example_inputs if example_inputs is not None else dummy_inputs(model)
+    except (ValueError, TypeError, AttributeError):
+        return
+    original_calls: dict[str, int] = {}
+    probes, hooks = {}, []
+    for unit in units:
+        owner = unit.owner(model)
+        original = owner.get_submodule(unit.layout.act)
+        original_calls[unit.name] = 0
+
+        def count(module, args, output, name=unit.name):
+            original_calls[name] += 1
+        hooks.append(original.register_forward_hook(count))
+        probes[unit.name] = (owner, _CallProbe(original))
+        set_module(owner, unit.layout.act, probes[unit.name][1])
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as err:  # a probe that cannot run leaves the check undone
+        logger.debug("Activation calls not checked: the forward pass failed (%s: %s)", type(err).__name__, err)
+        return
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+        for unit in units:
+            owner, probe = probes[unit.name]
+            set_module(owner, unit.layout.act, probe.activation)
+    # the stand-in calls the original too: an original called while its stand-in never was is reached another way
+    bypassed = [u.name for u in units if probes[u.name][1].calls == 0 and original_calls[u.name] > 0]
+    if bypassed:
+        raise ValueError(
+            f"The forward pass calls the activations of blocks {bypassed} without going through their registered "
+            "modules (the model keeps them in a plain Python list too): an injected activation would never run and "
+            f"collapsing would be wrong. Leave them out with exclude_modules={bypassed}."
+        )
 
 
 def selected_units(model: nn.Module, config: CollapseConfig,
@@ -119,6 +178,7 @@ def get_collapse_model(
             "Use the model as it is, or select other blocks with target_modules/layers_to_transform."
         )
     check_not_shared(model, units)
+    check_called(model, units, example_inputs)
     if config.linear_target != "default" and calibration_data is None:
         raise ValueError(f"linear_target={config.linear_target!r} fits each block's linear target on calibration "
                          "data: pass calibration_data= (a few hundred examples of your task), or use "

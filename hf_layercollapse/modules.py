@@ -18,6 +18,16 @@ class WrappedActivation(nn.Module):
     activation: nn.Module
 
 
+def out_of_place(activation: nn.Module) -> nn.Module:
+    """``activation`` with ``inplace=True`` turned off in it and its children (``nn.ReLU(inplace=True)``): a blend
+    reads the activation's input after the activation ran, which an in-place activation has overwritten. The
+    activation computes the same values; only its memory use changes."""
+    for module in activation.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return activation
+
+
 def projection_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of an ``nn.Linear`` or HF ``Conv1D`` (whose weight is ``[in, out]``)."""
     if isinstance(module, Conv1D):

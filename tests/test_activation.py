@@ -164,3 +164,64 @@ def test_regularization_loss_zero_at_one():
 def test_regularization_loss_needs_injection():
     with pytest.raises(ValueError, match="no collapsible activations"):
         hlc.regularization_loss(tiny_model("bert"))
+
+
+def test_in_place_activations_blend_and_collapse_exactly():
+    # nn.ReLU(inplace=True) overwrites its input: a blend that read the input afterwards saw relu(z), not z
+    act = hlc.CollapsibleActivation(nn.ReLU(inplace=True), init_alpha=0.5)
+    z = torch.randn(64)
+    expected = 0.5 * torch.relu(z) + 0.5 * z
+    torch.testing.assert_close(act(z.clone()), expected, rtol=0, atol=1e-7)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    x = torch.randn(5, 8)
+    reference = model(x)
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(), example_inputs={"input": x})
+    torch.testing.assert_close(model(x), reference, rtol=0, atol=0)  # α = 0: the original model
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    linear = model(x)
+    assert not torch.allclose(linear, reference, atol=1e-3)  # α = 1 is the linear model, not the ReLU one
+    hlc.collapse_model(model)
+    torch.testing.assert_close(model(x), linear, rtol=1e-5, atol=1e-6)
+
+
+def test_an_activation_the_forward_reaches_another_way_is_refused_at_injection():
+    class ListHead(nn.Module):  # layers registered as children and also kept in a plain list the forward loops over
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = []
+            for i, layer in enumerate([nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)]):
+                self.add_module(str(i), layer)
+                self.layers.append(layer)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.other = ListHead(), nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+        def forward(self, x):
+            return self.other(self.head(x))
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(3, 8)
+    reference = model(x)
+    with pytest.raises(ValueError, match=r"blocks \['head'\] without going through.*exclude_modules=\['head'\]"):
+        hlc.get_collapse_model(model, hlc.LayerCollapseConfig(), example_inputs={"x": x})
+    assert isinstance(model.head.get_submodule("1"), nn.GELU) and torch.equal(model(x), reference)  # left as it was
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(exclude_modules=["head"]), example_inputs={"x": x})
+    assert list(hlc.injected_activations(model)) == ["other"]

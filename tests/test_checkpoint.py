@@ -521,3 +521,15 @@ def test_processors_found_through_the_checkpoint_config(tmp_path):
     processor = AutoImageProcessor.from_pretrained(tmp_path / "vit")
     assert type(processor).__name__.startswith("ViTImageProcessor")
     assert processor(torch.zeros(3, 16, 16))["pixel_values"][0].shape == (3, 8, 8)
+
+
+def test_injection_leaves_the_users_config_object_alone(tmp_path):
+    config = AutoConfig.for_model("bert", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37)
+    config_class = type(config)
+    first = AutoModel.from_config(config)
+    hlc.get_collapse_model(first, hlc.LayerCollapseConfig())
+    assert type(config) is config_class and type(first.config) is not config_class
+    assert all(m.config is first.config for m in first.modules() if hasattr(m, "config"))
+    AutoModel.from_config(config).save_pretrained(tmp_path)  # a second model of the same config stays stock
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bert"

@@ -20,7 +20,7 @@ from helpers import (
     tiny_model,
 )
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 from transformers.pytorch_utils import Conv1D
 
 import hf_layercollapse as hlc
@@ -321,3 +321,52 @@ def test_minilm_collapse_all_six_blocks(minilm):
     assert float((collapsed - linear).abs().max() / linear.abs().max()) <= 1e-5
     assert params - num_params(model) == 6 * (2 * 384 * 1536 + 1536 - 384 * 384)
     assert report.params_saved == 6 * (2 * 384 * 1536 + 1536 - 384 * 384)
+
+
+def _up_first_phi3():
+    """A Phi-3 whose MLP splits its fused projection up-first (as Aya Vision, Moonshine and CLVP do), where the
+    library's gated layout assumes Phi-3's gate-first order."""
+    import types
+
+    config = AutoConfig.for_model("phi3", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=4, intermediate_size=48, pad_token_id=0, eos_token_id=1,
+                                  bos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+
+    def forward(self, hidden_states):
+        up, gate = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.down_proj(up * self.activation_fn(gate))
+
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(forward, layer.mlp)
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig(), example_inputs={"input_ids": torch.tensor([[1, 2, 3]])})
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    return model
+
+
+def test_an_inexact_merge_is_refused_and_the_model_left_as_it_was():
+    model = _up_first_phi3()
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    reference = model(x).logits
+    params = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp' \(max \|difference\|.*Nothing was merged"):
+        hlc.collapse_model(model)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert torch.equal(model(x).logits, reference)  # every unit restored, α = 1 kept
+    assert len(hlc.injected_activations(model)) == 2
+    hlc.collapse_model(model, verify=False)  # unchecked, the merge is silently wrong: what the check prevents
+    assert (model(x).logits - reference).abs().max() > 1e-4
+
+
+def test_verification_restores_alpha_and_training_mode():
+    model = tiny_model("llama")
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig())
+    acts = list(hlc.injected_activations(model).values())
+    acts[0].alpha.data.fill_(1.0)
+    acts[1].alpha.data.fill_(0.3)
+    model.train()
+    report = hlc.collapse_model(model, threshold=0.05)
+    assert [b.status for b in report.blocks] == ["collapsed", "kept"]
+    assert model.training and acts[1].alpha_value == pytest.approx(0.3)

@@ -118,13 +118,13 @@ def test_a_real_sigkill_mid_save_leaves_a_loadable_checkpoint_and_the_next_save_
     folder = tmp_path / "ckpt"
     injected(0, 0.3).save_pretrained(folder)
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from helpers import tiny_model, set_alphas\n"
         "import hf_layercollapse as hlc\n"
         "m = hlc.get_collapse_model(tiny_model('bert', seed=1)); set_alphas(m, 0.6, 1.0)\n"
         "print('ready', flush=True)\n"
         "while True:\n"
-        "    m.save_pretrained(%r, max_shard_size='4KB')\n" % (str(Path(__file__).parent), str(folder)))
+        f"    m.save_pretrained({str(folder)!r}, max_shard_size='4KB')\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
     time.sleep(1.5)  # many saves happen: the kill lands inside one
@@ -176,9 +176,8 @@ def test_tampered_checkpoints_are_refused_naming_the_file(tmp_path):
 def test_resuming_after_a_kill_mid_checkpoint_takes_the_last_complete_one(tmp_path, caplog):
     data = [{"input_ids": torch.tensor([1, 2, 3, 4]), "labels": torch.tensor(1)}] * 16
 
-    from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback
-
     from helpers import TEXT
+    from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback
 
     class Die(TrainerCallback):
         """Stops the run after ``step`` (what a kill looks like to the folder, with the same schedule)."""

@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 import hf_layercollapse as hlc
 from hf_layercollapse.errors import LayerCollapseConfigError
 from hf_layercollapse.modules import projection_shape
+from hf_layercollapse.saving import write_manifest
 
 AFFINE = hlc.LayerCollapseConfig(linear_target="affine")
 GATED = {"llama", "phi3", "t5-gated"}
@@ -263,6 +264,7 @@ def test_bad_uses_of_the_affine_target(tmp_path):
     key = next(k for k in weights if k.endswith("affine_weight"))
     weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1)
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    write_manifest(tmp_path)  # an edit that also rewrites the manifest: the record's shapes still catch it
     with pytest.raises(LayerCollapseConfigError, match=r"intermediate_act_fn\.affine_weight.*nothing was loaded"):
         AutoModel.from_pretrained(tmp_path)
 

@@ -12,6 +12,7 @@ from torch import nn
 from ..activation import CollapsibleModule
 from ..config import CollapseConfig
 from ..errors import LayerCollapseConfigError
+from ..modules import out_of_place
 from ..targets import GateConstant, Identity, Line, LinearTarget, PReLU, target_for
 from ..units import Layout
 
@@ -62,7 +63,7 @@ class LayerCollapseLayer(CollapsibleModule, BaseTunerLayer):
                  tensors: Mapping[str, torch.Tensor] | None = None, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         nn.Module.__init__(self)
-        self.base_layer = base_layer
+        self.base_layer = out_of_place(base_layer)
         self.layout = layout
         self.layercollapse_alpha = nn.ParameterDict()
         for name in _TRAINABLE:
