@@ -34,7 +34,7 @@ from .errors import LayerCollapseConfigError
 from .modules import base_prefix, empty_projection, join
 from .record import RECORD_KEY, CollapseRecord, UnitRecord, hub_model_id
 from .saving import atomic_folder, clean_stale, verify_manifest
-from .units import Unit
+from .units import Unit, find_mlp_blocks
 from .version import __version__
 
 MODEL_TYPE = "hf_layercollapse"
@@ -209,8 +209,8 @@ class _CollapsedModelMixin:
             loaded, info = super().from_pretrained(*args, output_loading_info=True,
                                                    **{**kwargs, "ignore_mismatched_sizes": True})
             mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
-            names = _record_module_names(loaded)
-            in_units = [k for k in mismatched if any(k == n or k.startswith(n + ".") for n in names)]
+            names = [*_record_module_names(loaded), *_mlp_part_names(loaded)]
+            in_units = [k for k in mismatched if _inside(k, names)]
             if not in_units:
                 raise  # outside the units (a new head's num_labels): transformers' own advice fits
             raise LayerCollapseConfigError(
@@ -218,15 +218,41 @@ class _CollapsedModelMixin:
                 "collapse record expect: it is corrupt or belongs to another model; nothing was loaded."
             ) from err
         names = _record_module_names(model)
-        wrong = [k for k in list(info.get("missing_keys", [])) + [m[0] if isinstance(m, tuple) else m
-                 for m in info.get("mismatched_keys", [])]
-                 if any(k.startswith(n + ".") or k == n for n in names)]
+        absent = list(info.get("missing_keys", [])) + [m[0] if isinstance(m, tuple) else m
+                                                       for m in info.get("mismatched_keys", [])]
+        wrong = [k for k in absent if _inside(k, names)]
         if wrong:
             raise LayerCollapseConfigError(
                 f"The checkpoint lacks or has wrongly shaped weights for its collapsed/injected blocks: {wrong[:6]}. "
                 "It is incomplete or does not belong to this collapse record; nothing was loaded."
             )
+        extra = [k for k in info.get("unexpected_keys", []) if _inside(k, names)]
+        if extra:  # e.g. a bias the record says the merged projection does not have: it would be dropped
+            raise LayerCollapseConfigError(
+                f"The checkpoint holds weights {extra[:6]} that its collapse record has no place for (the record was "
+                "edited, or belongs to another save); nothing was loaded. Save or download the checkpoint again."
+            )
+        wrong = [k for k in absent if _inside(k, _mlp_part_names(model))] if absent else []
+        if wrong:  # an MLP block merged in the weights but missing from the record (an edited config.json)
+            raise LayerCollapseConfigError(
+                f"The checkpoint lacks or has wrongly shaped weights for MLP blocks its collapse record does not "
+                f"name: {wrong[:6]}. Its config.json does not describe its weights (edited, or from another save); "
+                "nothing was loaded, and ignore_mismatched_sizes=True cannot fix it. Save or download it again."
+            )
         return (model, info) if want_info else model
+
+
+def _inside(key: str, names) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def _mlp_part_names(model: PreTrainedModel) -> list[str]:
+    """Full names of the projections of every MLP block of ``model`` (none when its blocks cannot be found)."""
+    try:
+        units = find_mlp_blocks(model)
+    except (ValueError, RuntimeError, TypeError):
+        return []
+    return [join(unit.name, part) for unit in units for part in unit.layout.parts]
 
 
 @functools.cache

@@ -45,9 +45,9 @@ from transformers import (
 )
 
 import hf_layercollapse as hlc
-from hf_layercollapse.errors import CheckpointIntegrityError
+from hf_layercollapse.errors import CheckpointIntegrityError, LayerCollapseConfigError
 from hf_layercollapse.record import RECORD_KEY
-from hf_layercollapse.saving import MANIFEST_NAME
+from hf_layercollapse.saving import MANIFEST_NAME, write_manifest
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack", ".safetensors")
 
@@ -533,3 +533,25 @@ def test_injection_leaves_the_users_config_object_alone(tmp_path):
     assert all(m.config is first.config for m in first.modules() if hasattr(m, "config"))
     AutoModel.from_config(config).save_pretrained(tmp_path)  # a second model of the same config stays stock
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bert"
+
+
+def _edit_record(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config[RECORD_KEY]["blocks"])
+    (folder / "config.json").write_text(json.dumps(config))
+    write_manifest(folder)  # an edit that keeps the manifest consistent: the weights themselves must disagree
+
+
+def test_a_record_edited_against_its_weights_loads_nothing(tmp_path):
+    model = hlc.get_collapse_model(tiny_model("bert"))
+    set_alphas(model, 1.0, 1.0)
+    hlc.collapse_model(model)
+    model.save_pretrained(tmp_path)
+    first = next(iter(json.loads((tmp_path / "config.json").read_text())[RECORD_KEY]["blocks"]))
+    _edit_record(tmp_path, lambda blocks: blocks[first].update(bias=False))  # the file still holds the bias
+    with pytest.raises(LayerCollapseConfigError, match=r"output\.dense\.bias'\] that its collapse record has no place"):
+        AutoModel.from_pretrained(tmp_path)
+    _edit_record(tmp_path, lambda blocks: (blocks[first].update(bias=True), blocks.pop(first)))
+    for options in ({}, {"ignore_mismatched_sizes": True}):  # transformers' advice would load random weights
+        with pytest.raises(LayerCollapseConfigError, match=r"encoder\.layer\.0\..*nothing was loaded"):
+            AutoModel.from_pretrained(tmp_path, **options)
