@@ -11,7 +11,9 @@ from transformers import AutoModel, BertConfig, BertModel, GPT2Config, GPT2LMHea
 
 import hf_layercollapse as hlc
 from hf_layercollapse.calibration import collect_statistics
+from hf_layercollapse.errors import LayerCollapseConfigError
 from hf_layercollapse.planner import Objective as _Objective
+from hf_layercollapse.saving import MANIFEST_NAME, write_manifest
 from hf_layercollapse.statistics import LeastSquaresRequest, LeastSquaresStats
 from hf_layercollapse.units import replaced_units
 
@@ -292,12 +294,15 @@ def test_unreadable_plans(tmp_path):
     weights = tmp_path / "plan" / "collapse_plan.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(OSError, match="collapse_plan.safetensors is not the file this checkpoint was saved with"):
+        hlc.CollapsePlan.load(tmp_path / "plan")
+    (tmp_path / "plan" / MANIFEST_NAME).unlink()  # a plan written without a manifest (hf_layercollapse 0.1)
     with pytest.raises(ValueError, match="does not hold a readable collapse plan"):
         hlc.CollapsePlan.load(tmp_path / "plan")
     weights.write_bytes(good)
     saved = json.loads((tmp_path / "plan" / "collapse_plan.json").read_text())
     (tmp_path / "plan" / "collapse_plan.json").write_text(json.dumps({**saved, "selected": ["encoder.layer.9"]}))
-    with pytest.raises(ValueError, match="not a collapse plan written by CollapsePlan"):
+    with pytest.raises(ValueError, match=r"the selected units \['encoder.layer.9'\] are not among the candidates"):
         hlc.CollapsePlan.load(tmp_path / "plan")
 
 
@@ -313,3 +318,23 @@ def test_plans_of_other_models_and_plans_applied_twice(caplog):
     with caplog.at_level("WARNING", logger="hf_layercollapse.planner"):
         hlc.plan_collapse(tiny_bert(), data[:1], num_blocks=1, show_progress=False)
     assert "one calibration batch" in caplog.text
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d, c: d.update(selected="encoder.layer.1"), r"'selected' must be a list of unit names"),
+    (lambda d, c: d.update(candidates=3), r"'candidates' must be a list"),
+    (lambda d, c: c.pop("layout"), r"unit 'encoder.layer.\d': 'layout' must be an object"),
+    (lambda d, c: c.update(method=5), r"unit 'encoder.layer.\d': method=5 is not one of"),
+    (lambda d, c: c.update(params_saved="many"), r"unit 'encoder.layer.\d': params_saved='many' must be an integer"),
+    (lambda d, c: c["layout"].update(kind="gated"), r"the layout of 'encoder.layer.\d' \(gated\) is malformed"),
+    (lambda d, c: d.update(measured_cost="low"), r"'measured_cost' must be a number"),
+], ids=["selected", "candidates", "layout", "method", "params_saved", "kind", "measured_cost"])
+def test_edited_plans_give_one_error_naming_the_unit(tmp_path, edit, message):
+    plan = hlc.plan_collapse(tiny_bert(), batches(), num_blocks=1, show_progress=False)
+    plan.save(tmp_path)
+    data = json.loads((tmp_path / "collapse_plan.json").read_text())
+    edit(data, next(c for c in data["candidates"] if c["name"] in data["selected"]))
+    (tmp_path / "collapse_plan.json").write_text(json.dumps(data))
+    write_manifest(tmp_path)
+    with pytest.raises(LayerCollapseConfigError, match=message):
+        hlc.CollapsePlan.load(tmp_path)

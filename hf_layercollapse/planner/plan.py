@@ -28,7 +28,7 @@ from ..errors import LayerCollapseConfigError
 from ..modules import PROJECTIONS, base_prefix, join
 from ..record import CollapseRecord
 from ..report import BlockReport, CollapseReport
-from ..saving import atomic_folder
+from ..saving import atomic_folder, verify_manifest
 from ..targets import Affine, Identity
 from ..units import BlockKind, Cut, Layout, SpanLayout, Unit, cut_layers, decoder_stack, find_mlp_blocks
 
@@ -183,6 +183,8 @@ class CollapsePlan:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CollapsePlan:
         directory = Path(directory)
+        if directory.is_dir():
+            verify_manifest(directory)  # a plan whose maps were edited or mixed with another save: refused by file
         try:
             data = json.loads((directory / PLAN_FILE).read_text())
             tensors = load_file(str(directory / WEIGHTS_FILE))
@@ -190,6 +192,7 @@ class CollapsePlan:
             raise ValueError(f"{directory} does not hold a readable collapse plan ({PLAN_FILE}, {WEIGHTS_FILE}): "
                              f"{err}") from err
         try:
+            _check_plan_fields(data)
             candidates = [PlannedBlock(c["name"], Layout.from_dict(c["layout"], f"the layout of {c['name']!r}"),
                                        c["method"], _costs(c), c["params_saved"], tensors.get(f"{c['name']}.weight"),
                                        tensors.get(f"{c['name']}.bias"), c.get("owner"), dict(c.get("quality", {})),
@@ -202,6 +205,39 @@ class CollapsePlan:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{directory / PLAN_FILE} is not a collapse plan written by CollapsePlan.save (missing "
                              f"or wrong entry {err}): write it again with plan_collapse(...).save().") from None
+
+
+def _check_plan_fields(data) -> None:
+    """Every field of a saved plan has its type (and a method its known name); else one error naming the unit."""
+    if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
+        raise LayerCollapseConfigError("'candidates' must be a list of units")
+    if not isinstance(data.get("selected"), list) or not all(isinstance(n, str) for n in data["selected"]):
+        raise LayerCollapseConfigError(f"'selected' must be a list of unit names, not {data.get('selected')!r}")
+    number = (int, float)
+    for field_name, kind in (("baseline", number), ("measured_cost", number), ("params_total", int)):
+        if not isinstance(data.get(field_name), kind) or isinstance(data.get(field_name), bool):
+            raise LayerCollapseConfigError(f"{field_name!r} must be a number, not {data.get(field_name)!r}")
+    names = set()
+    for c in data["candidates"]:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise LayerCollapseConfigError(f"every candidate must be an object with a 'name', not {c!r}")
+        where = f"unit {c['name']!r}"
+        names.add(c["name"])
+        if c.get("method") not in METHODS:
+            raise LayerCollapseConfigError(f"{where}: method={c.get('method')!r} is not one of {list(METHODS)}")
+        if not isinstance(c.get("params_saved"), int) or isinstance(c.get("params_saved"), bool):
+            raise LayerCollapseConfigError(f"{where}: params_saved={c.get('params_saved')!r} must be an integer")
+        costs = c.get("costs", {})
+        if not isinstance(costs, dict) or not all(isinstance(v, number) and not isinstance(v, bool)
+                                                  for v in costs.values()):
+            raise LayerCollapseConfigError(f"{where}: costs={costs!r} must map methods to numbers")
+        if "costs" in c and c["method"] not in costs:
+            raise LayerCollapseConfigError(f"{where}: its method {c['method']!r} has no cost in {sorted(costs)}")
+        if not isinstance(c.get("layout"), dict):
+            raise LayerCollapseConfigError(f"{where}: 'layout' must be an object, not {c.get('layout')!r}")
+    unknown = [n for n in data["selected"] if n not in names]
+    if unknown:
+        raise LayerCollapseConfigError(f"the selected units {unknown} are not among the candidates")
 
 
 # ------------------------------------------------------------------------------------------------------ applying
