@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fsdp", default="")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPUs (FSDP under accelerate needs them)")
     parser.add_argument("--progressive_steps", type=int, default=0)
     parser.add_argument("--planned", action="store_true", help="progressive_order='planned' after 1 warm-up step")
     args = parser.parse_args()
@@ -44,7 +45,7 @@ def main() -> None:
         tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.per_device_batch,
         gradient_accumulation_steps=args.grad_accum, optim="sgd", learning_rate=0.3, lr_scheduler_type="constant",
         logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, seed=0, data_seed=0,
-        fsdp=args.fsdp, use_cpu=True,
+        fsdp=args.fsdp, use_cpu=not args.gpu,
         fsdp_config={"use_orig_params": True, "min_num_params": 0} if args.fsdp else None,
     )
     schedule = {"progressive_start": 1, "progressive_order": "planned"} if args.planned else {}
