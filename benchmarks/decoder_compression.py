@@ -16,8 +16,8 @@ model); each removes at least that many. Methods, the peers implemented here fro
 * ``planner-mlp``: ``plan_collapse(units="mlp")``, the measured MLP-only planner (merged MLP blocks).
 * ``planner``: ``plan_collapse(units="mlp,layer,span")``, the one-pass planner over MLP blocks, layers and spans.
 
-Each job runs in a fresh process (one torch thread) whose wall time, CPU time and peak resident-set growth during the method
-are recorded. ``--quick`` runs one tiny job of each method (CI).
+Each job runs in a fresh process (one torch thread) whose wall time, CPU time and peak resident-set growth during the
+method are recorded. ``--quick`` runs one tiny job of each method (CI).
 
     python benchmarks/decoder_compression.py                       # the grid: both calibration texts, 16k tokens
     python benchmarks/decoder_compression.py --sweep               # calibration sizes 4k / 16k / 64k, 4 layers

@@ -15,8 +15,10 @@ from .card import build_collapse_report, render_model_card
 from .checkpoint import MODEL_TYPE
 from .collapse import collapse_model
 from .errors import LayerCollapseConfigError
+from .export import ExportResult, export_onnx
 from .hub import push_to_hub, save_for_hub
 from .inject import get_collapse_model, refit_linear_targets, regularization_loss
+from .memory import MemoryEstimate, estimate_memory
 from .merging import merge_projections
 from .peft import (
     LayerCollapseConfig,
@@ -30,7 +32,7 @@ from .peft import (
 from .planner import CollapsePlan, plan_collapse
 from .record import CollapseRecord
 from .report import BlockReport, CollapseReport
-from .trainer import CollapseArguments, LayerCollapseTrainer, LayerCollapseTrainerMixin
+from .trainer import CollapseArguments, Distillation, LayerCollapseTrainer, LayerCollapseTrainerMixin
 from .units import BlockKind, MLPBlock, Unit, find_mlp_blocks
 from .version import __version__
 
@@ -45,6 +47,8 @@ __all__ = [
     "CollapseRecord",
     "CollapseReport",
     "CollapsibleActivation",
+    "Distillation",
+    "ExportResult",
     "LayerCollapseConfig",
     "LayerCollapseConfigError",
     "LayerCollapseLayer",
@@ -52,11 +56,14 @@ __all__ = [
     "LayerCollapseTrainer",
     "LayerCollapseTrainerMixin",
     "MLPBlock",
+    "MemoryEstimate",
     "Unit",
     "__version__",
     "build_collapse_report",
     "calibrate_linear_targets",
     "collapse_model",
+    "estimate_memory",
+    "export_onnx",
     "find_mlp_blocks",
     "get_collapse_model",
     "get_lora_collapse_model",

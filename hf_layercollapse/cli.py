@@ -6,6 +6,7 @@ Examples::
     hf-layercollapse inspect runs/injected --json
     hf-layercollapse collapse runs/injected runs/collapsed --threshold 0.05
     hf-layercollapse card runs/collapsed
+    hf-layercollapse export runs/collapsed --onnx runs/collapsed.onnx
     HF_TOKEN=hf_... hf-layercollapse push runs/collapsed me/bert-collapsed --private
 
 Each subcommand is a ``(configure, run)`` pair in :data:`COMMANDS`; add one there to extend the tool.
@@ -125,6 +126,10 @@ def configure_inspect(parser: argparse.ArgumentParser) -> None:
                         help="τ for 'ready to collapse' (default: the recorded threshold, else 0.05)")
     parser.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     parser.add_argument("--token", default=None, help="Hub token for private repos (default: HF_TOKEN)")
+    parser.add_argument("--memory", metavar="LINEAR_TARGET", nargs="?", const="default", default=None,
+                        choices=["default", "fitted", "affine"],
+                        help="also estimate the memory injecting every MLP block towards this linear target and "
+                             "training it with AdamW adds (estimate_memory; default target: 'default')")
 
 
 def _inspect_rows(model, threshold: float) -> list[dict[str, Any]]:
@@ -188,6 +193,13 @@ def run_inspect(args: argparse.Namespace) -> int:
               "model_type": record.base_model_type if record is not None else model.config.model_type,
               "parameters": total, "threshold": threshold, "blocks": rows,
               "savings": {"ready": saving([r for r in collapsible if r["ready"]]), "all": saving(collapsible)}}
+    estimate = None
+    if args.memory is not None:
+        from .config import CollapseConfig
+        from .memory import estimate_memory
+
+        estimate = estimate_memory(model, CollapseConfig(linear_target=args.memory))
+        result["memory"] = {"linear_target": args.memory, **estimate.to_dict()}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -208,6 +220,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         saving_ = result["savings"][key]
         print(f"{what.format(n=len(saving_['blocks']))} would save {saving_['params_saved']:,} parameters "
               f"({100 * saving_['fraction']:.2f}%)")
+    if estimate is not None:
+        print(f"\nMemory added by LayerCollapse (linear_target={args.memory!r}, AdamW):\n{estimate}")
     return 0
 
 
@@ -420,6 +434,33 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- export
+
+
+def configure_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="CHECKPOINT_DIR", help="a saved model (collapsed or not)")
+    parser.add_argument("--onnx", required=True, metavar="OUT.onnx",
+                        help="write an ONNX file (dynamic batch and sequence axes; causal LMs without KV cache)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="largest accepted |onnxruntime - PyTorch| difference of the outputs (default: 1e-4)")
+    parser.add_argument("--no-verify", action="store_true", help="do not check the file in onnxruntime")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    directory = _checkpoint_dir(args.directory)
+    with tqdm(total=2, desc="export", unit="step", file=sys.stderr) as progress:
+        model = _load_model(directory, _load_config(directory, require_record=False), progress)
+        progress.update()
+        progress.set_postfix_str(f"exporting to {args.onnx}")
+        result = export_onnx(model, args.onnx, opset=args.opset, verify=not args.no_verify, atol=args.atol)
+        progress.update()
+    print(result)
+    return 0
+
+
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 #: name → (add the arguments, run, one-line help).
 COMMANDS: dict[str, Command] = {
@@ -429,6 +470,8 @@ COMMANDS: dict[str, Command] = {
     "collapse": (configure_collapse, run_collapse, "merge the blocks of a saved injected model whose α reached 1"),
     "card": (configure_card, run_card, "render the model card (README.md) and chart of a collapsed checkpoint"),
     "push": (configure_push, run_push, "upload a collapsed checkpoint with its model card to the Hub (one commit)"),
+    "export": (configure_export, run_export,
+               "export a saved model to ONNX and check its outputs in onnxruntime against PyTorch"),
 }
 
 

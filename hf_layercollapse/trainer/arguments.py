@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .distillation import Distillation
+
 REG_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -58,8 +60,19 @@ class CollapseArguments:
                           "the first stage starts; needs the trainer's calibration_data), or comma-separated block "
                           "names (the keys of hf_layercollapse.injected_activations(model))."},
     )
+    distillation: Distillation | str | None = field(
+        default=None,
+        metadata={"help": "Train on KL(original model ‖ student) (see hf_layercollapse.Distillation): a Distillation, "
+                          "or its settings as 'TEACHER,key=value,...' (teacher 'copy' or 'self'; temperature, top_k, "
+                          "task_weight), e.g. 'copy,temperature=2,top_k=50'. Default: the task loss only."},
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.distillation, str):
+            self.distillation = Distillation.from_string(self.distillation)
+        if self.distillation is not None and not isinstance(self.distillation, Distillation):
+            raise TypeError(f"distillation must be a hf_layercollapse.Distillation (or its settings as a string), got "
+                            f"{type(self.distillation).__name__}.")
         if self.reg_weight is not None and not self.reg_weight >= 0:
             raise ValueError(f"reg_weight={self.reg_weight!r} must be >= 0.")
         if self.reg_schedule not in REG_SCHEDULES:

@@ -9,6 +9,7 @@ mixed precision and ``resume_from_checkpoint``. The mixin composes with other ``
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,8 +33,15 @@ from ..record import CollapseRecord
 from ..report import CollapseReport
 from .arguments import CollapseArguments
 from .callbacks import ProgressiveSchedule, RefitTargets, _ClampAlphaCallback
+from .distillation import fingerprint
 
 logger = logging.getLogger(__name__)
+
+#: Written into each checkpoint of a distillation run: its settings and its teacher's fingerprint (never the teacher).
+DISTILLATION_FILE = "layercollapse_distillation.json"
+#: The parts of the training loss, logged over the logging window as ``loss`` is.
+LOSS_PARTS = ("loss_task", "loss_kl", "loss_reg")
+
 
 def last_complete_checkpoint(output_dir: str) -> str:
     """The newest ``checkpoint-N`` folder of ``output_dir`` that holds its ``trainer_state.json`` (the Trainer writes
@@ -63,10 +71,11 @@ class LayerCollapseTrainerMixin:
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.collapse_args = replace(collapse_args) if collapse_args is not None else CollapseArguments()
-        if not injected_activations(self.model):
+        if not injected_activations(self.model) and self.collapse_args.distillation is None:
             raise ValueError(
                 f"{type(self.model).__name__} has no collapsible activations: call "
-                "hf_layercollapse.get_collapse_model(model, LayerCollapseConfig(...)) before creating the trainer."
+                "hf_layercollapse.get_collapse_model(model, LayerCollapseConfig(...)) before creating the trainer "
+                "(or, to heal a model that is collapsed already, train it with CollapseArguments(distillation=...))."
             )
         # a PEFT-wrapped model (get_peft_model / get_lora_collapse_model) keeps its settings in its LayerCollapseConfig
         settings = peft_trainer_settings(self.model)
@@ -88,6 +97,12 @@ class LayerCollapseTrainerMixin:
         )
         self._reg_sum = torch.zeros(())
         self._reg_count = 0
+        self._parts: dict[str, torch.Tensor] = {}  # Σ of each loss part over the logging window
+        self._parts_steps, self._parts_step = 0, None  # optimizer steps in the window, the latest one seen
+        self._teacher: nn.Module | None = None  # held here, outside the model's module tree: never saved or wrapped
+        self._teacher_fingerprint: list[float] | None = None
+        if self.collapse_args.distillation is not None:
+            self._build_teacher(self.model)
         self.collapse_report: CollapseReport | None = None
         if self.collapse_args.clamp_alpha:
             self.add_callback(_ClampAlphaCallback(self))
@@ -113,6 +128,66 @@ class LayerCollapseTrainerMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.progressive is not None:  # a planned order chosen before the checkpoint was saved
             self.progressive.load_order(resume_from_checkpoint)
+        if self.collapse_args.distillation is not None:
+            self._check_resumed_teacher(resume_from_checkpoint)
+
+    # ------------------------------------------------------------------------------------------- distillation
+    def _build_teacher(self, model: nn.Module) -> None:
+        """The teacher of ``collapse_args.distillation`` for ``model`` (the model handed to the trainer, or the one
+        ``model_init`` built: a resumed run gets the same teacher as the run that wrote the checkpoint)."""
+        teacher = self.collapse_args.distillation.teacher
+        teacher.check(model, sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        self._teacher, self._teacher_fingerprint = teacher.build(model), None
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if getattr(self, "collapse_args", None) is not None and self.collapse_args.distillation is not None:
+            self._build_teacher(model)
+        return model
+
+    def _teacher_logits(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """The teacher's logits for this micro-batch (before the student's forward pass: the self teacher sets α)."""
+        held = self._teacher
+        if held is not None and not getattr(held, "hf_device_map", None):
+            param = next(held.parameters(), None)
+            if param is not None and param.device != self.args.device:
+                held.to(self.args.device)
+        if self._shift_labels:  # a causal LM needs no labels to predict; the teacher's LM loss would be wasted
+            inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        with self.accelerator.autocast():
+            return self.collapse_args.distillation.teacher.logits(model, held, inputs)
+
+    def _teacher_record(self) -> dict:
+        if self._teacher is not None and self._teacher_fingerprint is None:
+            self._teacher_fingerprint = fingerprint(self._teacher)
+        return {**self.collapse_args.distillation.describe(), "fingerprint": self._teacher_fingerprint}
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.collapse_args.distillation is not None and self.args.should_save and folder.is_dir():
+            tmp = folder / (DISTILLATION_FILE + ".tmp")
+            tmp.write_text(json.dumps(self._teacher_record()) + "\n")
+            os.replace(tmp, folder / DISTILLATION_FILE)
+
+    def _check_resumed_teacher(self, checkpoint: str) -> None:
+        path = Path(checkpoint) / DISTILLATION_FILE
+        if not path.is_file():
+            logger.warning("Resuming distillation from %s, which has no %s: the teacher cannot be checked against "
+                           "the one of the run that wrote it.", checkpoint, DISTILLATION_FILE)
+            return
+        saved, now = json.loads(path.read_text()), self._teacher_record()
+        before, after = saved.pop("fingerprint", None), now.pop("fingerprint")
+        if saved != now:
+            logger.warning("Resuming with other distillation settings (%s) than the run that wrote %s (%s).", now,
+                           checkpoint, saved)
+        elif before is not None and after is not None and not all(
+                math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(before, after)):
+            raise ValueError(
+                f"The distillation teacher differs from the one of the run that wrote {checkpoint}: resuming would "
+                "not continue that run. Hand the trainer the model the run started from (as built before training: "
+                "the checkpoint's weights are loaded into it), not a model loaded from a checkpoint."
+            )
 
     # ----------------------------------------------------------------------------------------------- schedule
     def current_reg_weight(self) -> float:
@@ -152,15 +227,21 @@ class LayerCollapseTrainerMixin:
         return super()._clip_grad_norm(model)
 
     # ------------------------------------------------------------------------------------------------- loss
-    def _count_items(self, inputs: dict) -> torch.Tensor | None:
-        labels = inputs.get("shift_labels")
+    def _item_mask(self, inputs: dict) -> tuple[torch.Tensor | None, bool]:
+        """The items that count (labels that are not -100, shifted for a causal LM), and whether they are shifted:
+        then the item at position i is predicted by the logits at position i."""
+        labels, shifted = inputs.get("shift_labels"), False
         if labels is None:
             labels = inputs.get("labels")
             if labels is not None and self._shift_labels:
-                labels = labels[..., 1:]
+                labels, shifted = labels[..., 1:], True
         if not isinstance(labels, torch.Tensor):
-            return None
-        return labels.ne(-100).sum()
+            return None, False
+        return labels.ne(-100), shifted
+
+    def _count_items(self, inputs: dict) -> torch.Tensor | None:
+        mask, _ = self._item_mask(inputs)
+        return mask.sum() if mask is not None else None
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Items (labels that count) in the accumulated batch, counted by the same rule as each micro-batch."""
@@ -173,33 +254,73 @@ class LayerCollapseTrainerMixin:
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Task loss + λ·Σ(1−α)², both counted exactly once per optimizer step.
+        """Task loss (or its mix with the distillation KL) + λ·Σ(1−α)², each counted exactly once per optimizer step.
 
         The task loss is the head's mean over this micro-batch, re-weighted by its share of the items (labels
         that are not -100) of the whole accumulated batch, so the gradient equals the one of a single large
         batch whatever the accumulation and whether or not the head honours ``num_items_in_batch``. The
-        regulariser is divided by the number of accumulation steps.
+        distillation KL (``CollapseArguments.distillation``) is summed over this micro-batch's items and divided by
+        the items of the accumulated batch, likewise. The regulariser is divided by the number of accumulation steps.
         """
         if not model.training:  # evaluation: the task loss only (and no α needed: the model may be collapsed)
             return super().compute_loss(model, inputs, return_outputs=return_outputs)
-        items = self._count_items(inputs)
+        distillation = self.collapse_args.distillation
+        mask, shifted = self._item_mask(inputs)
+        items = mask.sum() if mask is not None else None
+        if distillation is not None:
+            if mask is None:
+                raise ValueError("Distillation counts the positions by their labels: give the batches labels (-100 "
+                                 "where a position does not count), e.g. DataCollatorForLanguageModeling(mlm=False).")
+            teacher = self._teacher_logits(model, inputs)  # before the student's forward: the self teacher sets α
         task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
         steps = self.current_gradient_accumulation_steps
         if items is not None and num_items_in_batch is not None:
             total = torch.as_tensor(num_items_in_batch, device=task_loss.device, dtype=torch.float32)
             task_loss = task_loss * items.to(task_loss.device) / total.clamp(min=1)
+            per_item = 1 / total.clamp(min=1)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 task_loss = task_loss * self.args.world_size  # DDP averages gradients over ranks
+                per_item = per_item * self.args.world_size
         else:
             task_loss = task_loss / steps
+            per_item = 1 / (steps * items.clamp(min=1)) if items is not None else None
+        parts = {"loss_task": task_loss}
+        loss = task_loss
+        if distillation is not None:
+            parts["loss_kl"] = self._distillation_kl(outputs, teacher, mask, shifted).sum() * per_item
+            weights = ((distillation.task_weight, task_loss), (distillation.kl_weight, parts["loss_kl"]))
+            loss = sum(w * part for w, part in weights if w)  # a zero weight leaves its part out of the graph
         reg = self._regularization(model)
         self._reg_sum = self._reg_sum.to(reg.device) + reg.detach()
         self._reg_count += 1
-        loss = task_loss + self.current_reg_weight() * reg / steps
+        parts["loss_reg"] = self.current_reg_weight() * reg / steps
+        loss = loss + parts["loss_reg"]
+        self._record_parts(parts)
         return (loss, outputs) if return_outputs else loss
 
+    def _distillation_kl(self, outputs, teacher: torch.Tensor, mask: torch.Tensor, shifted: bool) -> torch.Tensor:
+        """The distillation KL at each counted position of this micro-batch."""
+        student = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        if shifted:
+            student, teacher = student[..., :-1, :], teacher[..., :-1, :]
+        if student.shape[:-1] != mask.shape or teacher.shape != student.shape:
+            raise ValueError(f"Distillation needs one label per position of the logits: logits {tuple(student.shape)}"
+                             f", teacher logits {tuple(teacher.shape)}, labels {tuple(mask.shape)}.")
+        mask = mask.to(student.device)
+        return self.collapse_args.distillation.kl(student[mask], teacher.to(student.device)[mask])
+
+    def _record_parts(self, parts: dict[str, torch.Tensor]) -> None:
+        if self._parts_step != self.state.global_step:  # the first micro-batch of an optimizer step
+            self._parts_steps, self._parts_step = self._parts_steps + 1, self.state.global_step
+        for name, value in parts.items():
+            value = value.detach().float().reshape(())
+            self._parts[name] = self._parts[name].to(value.device) + value if name in self._parts else value
+
     def _regularization(self, model: nn.Module) -> torch.Tensor:
-        """Σ(1−α)² over the injected blocks, or, on a progressive schedule, the term of the active block alone."""
+        """Σ(1−α)² over the injected blocks, or, on a progressive schedule, the term of the active block alone (0
+        without injected blocks: a collapsed model healed by distillation)."""
+        if not injected_activations(model):
+            return torch.zeros((), device=self.args.device)
         if self.progressive is None:
             return regularization_loss(model)
         active = self.progressive.active(self.state.global_step)
@@ -210,7 +331,7 @@ class LayerCollapseTrainerMixin:
 
     # ---------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and injected_activations(self.model):
+        if "loss" in logs:
             logs.update(self._collapse_metrics())
         super().log(logs, start_time)
 
@@ -219,17 +340,23 @@ class LayerCollapseTrainerMixin:
         alphas = torch.stack([
             (a.last_alpha if a.last_alpha is not None else a.alpha.detach()).float().reshape(-1)[0]
             for a in acts.values()
-        ])
+        ]) if acts else torch.zeros(0, device=self.args.device)
         reg = self._reg_sum / max(self._reg_count, 1)
-        reduced = self.accelerator.reduce(torch.cat([reg.reshape(1).to(alphas.device), alphas]), "mean")
+        names = [name for name in LOSS_PARTS if name in self._parts] if self._parts_steps else []
+        parts = [self._parts[name].reshape(1).to(alphas.device) / self._parts_steps for name in names]
+        reduced = self.accelerator.reduce(torch.cat([reg.reshape(1).to(alphas.device), *parts, alphas]), "mean")
         self._reg_sum, self._reg_count = torch.zeros(()), 0
-        alphas = reduced[1:].tolist()
-        metrics = {
+        self._parts, self._parts_steps = {}, 0
+        metrics = dict(zip(names, reduced[1:1 + len(names)].tolist()))
+        alphas = reduced[1 + len(names):].tolist()
+        if not acts:  # a collapsed model healed by distillation
+            return metrics
+        metrics.update({
             "reg_loss": float(reduced[0]),
             "reg_weight": self.current_reg_weight(),
             "alpha_mean": sum(alphas) / len(alphas),
             "alpha_within_threshold": sum(abs(1 - a) <= self.collapse_args.threshold for a in alphas),
-        }
+        })
         if self.collapse_args.log_block_alphas:
             metrics.update({f"alpha/{name}": a for name, a in zip(acts, alphas)})
         return metrics
@@ -252,6 +379,8 @@ class LayerCollapseTrainerMixin:
         ``output_dir`` (one a kill interrupted while it was written is passed over, with a warning naming it)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if self.collapse_args.distillation is not None and self.model_init is None:  # what trains may have changed
+            self.collapse_args.distillation.teacher.check(self.model, self.is_fsdp_enabled or self.is_deepspeed_enabled)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.collapse_args.collapse_at_end:
             self.collapse_and_save()
