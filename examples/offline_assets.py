@@ -481,7 +481,7 @@ def python_docs_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     atomically; later calls only check it.
 
     Example:
-        >>> len(list(python_docs_dir().rglob("*.rst.txt"))) > 500
+        >>> len(list(python_docs_dir().rglob("*.rst.txt"))) > 400
         True
     """
     target = _resolve_cache(cache_dir, "python-docs")

@@ -70,7 +70,8 @@ def save_for_hub(
         >>> report = hlc.collapse_model(model)
         >>> folder = save_for_hub(model, tempfile.mkdtemp(), report=report, license="apache-2.0")
         >>> sorted(p.name for p in folder.iterdir())  # doctest: +NORMALIZE_WHITESPACE
-        ['README.md', 'config.json', 'layercollapse_chart.png', 'layercollapse_report.json', 'model.safetensors']
+        ['README.md', 'config.json', 'layercollapse_chart.png', 'layercollapse_manifest.json',
+         'layercollapse_report.json', 'model.safetensors']
     """
     require_record(model)
     folder = Path(save_directory)
