@@ -370,3 +370,33 @@ def test_verification_restores_alpha_and_training_mode():
     report = hlc.collapse_model(model, threshold=0.05)
     assert [b.status for b in report.blocks] == ["collapsed", "kept"]
     assert model.training and acts[1].alpha_value == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("model_type", ["xglm", "mvp"])
+def test_the_merge_check_replays_layers_without_their_cache(model_type):
+    # the probe's first pass fills the KV cache; a replay that reused it saw twice the keys (a mask-shape error)
+    config = AutoConfig.for_model(model_type, vocab_size=99, d_model=32, num_layers=2, decoder_layers=2,
+                                  encoder_layers=2, attention_heads=2, decoder_attention_heads=2,
+                                  encoder_attention_heads=2, ffn_dim=37, decoder_ffn_dim=37, encoder_ffn_dim=37,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = hlc.get_collapse_model(AutoModel.from_config(config).eval())
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    inputs = make_inputs(model)
+    expected = outputs(model, inputs)
+    report = hlc.collapse_model(model)
+    assert len(report.collapsed) == len(report.blocks) > 0
+    assert max_rel_diff(outputs(model, inputs), expected) < 1e-5
+
+
+def test_the_tracer_leaves_out_fused_blocks_whose_gate_is_the_second_half():
+    config = AutoConfig.for_model("phi3", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=4, intermediate_size=48, pad_token_id=0, eos_token_id=1,
+                                  bos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    inputs = {"input_ids": torch.tensor([[1, 2, 3]])}
+    traced = hlc.find_mlp_blocks(model, inputs, method="trace")  # Phi-3's own order: gate first
+    assert [u.name for u in traced] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert hlc.find_mlp_blocks(_up_first_phi3(), inputs, method="trace") == []  # up first: not read as gate first

@@ -230,8 +230,8 @@ def _block_from(act: _Node, graph: _Graph, aliases: list[str] | None = None) -> 
     if consumer.module is None and consumer.name in _MUL_OPS and len(consumer.inputs) == 2:
         other = consumer.inputs[1] if consumer.inputs[0] == reaching else consumer.inputs[0]
         up, _ = graph.source(other)
-        if up is None:
-            return None
+        if up is None or (up is fc1 and fc1_part not in (None, 0)):
+            return None  # a fused projection whose gate is not its first half (the gated layout's order)
         gate, fc1 = fc1, up
         consumer, more, _ = graph.sink(consumer.outputs[0])
         dropouts += more
