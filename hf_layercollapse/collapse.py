@@ -180,7 +180,8 @@ class _MergeProbe:
                                   for path in (*unit.layout._pass_through(), unit.layout.output)}
                       for unit, _ in units}
         try:
-            inputs = dummy_inputs(model)
+            with torch.random.fork_rng(devices=[]):  # random pixels must not move the user's seeded stream
+                inputs = dummy_inputs(model)
         except (ValueError, TypeError, AttributeError) as err:
             logger.debug("Merges not verified: no probe input (%s)", err)
             self.units = []

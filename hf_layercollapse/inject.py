@@ -57,7 +57,8 @@ def check_called(model: nn.Module, units: list[Unit], example_inputs: dict[str, 
     ``example_inputs`` (or dummy inputs from the config) with a counting stand-in in each activation's place; units
     the pass does not reach at all (a vision tower given text) are not judged. Nothing to check without inputs."""
     try:
-        inputs = example_inputs if example_inputs is not None else dummy_inputs(model)
+        with torch.random.fork_rng(devices=[]):  # random pixels must not move the user's seeded stream
+            inputs = example_inputs if example_inputs is not None else dummy_inputs(model)
     except (ValueError, TypeError, AttributeError):
         return
     original_calls: dict[str, int] = {}

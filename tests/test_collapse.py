@@ -400,3 +400,15 @@ def test_the_tracer_leaves_out_fused_blocks_whose_gate_is_the_second_half():
     traced = hlc.find_mlp_blocks(model, inputs, method="trace")  # Phi-3's own order: gate first
     assert [u.name for u in traced] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert hlc.find_mlp_blocks(_up_first_phi3(), inputs, method="trace") == []  # up first: not read as gate first
+
+
+def test_the_checks_leave_the_random_stream_alone():
+    model = tiny_model("vit")  # its probe inputs are random pixels
+    torch.manual_seed(3)
+    hlc.get_collapse_model(model)
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    hlc.collapse_model(model)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4))
