@@ -12,7 +12,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils._pytree import tree_flatten
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, TrainingArguments
 
 import hf_layercollapse as hlc
 from hf_layercollapse.units import dummy_inputs
@@ -229,3 +229,11 @@ def no_peft_left(model: nn.Module) -> bool:
     return not any(isinstance(m, BaseTunerLayer) for m in model.modules()) and not hasattr(model, "peft_config")
 
 
+
+
+def training_args(out, **kwargs) -> TrainingArguments:
+    """Deterministic CPU ``TrainingArguments`` for tests (constant-LR SGD, no saving, logging every step)."""
+    defaults = dict(max_steps=1, per_device_train_batch_size=16, optim="sgd", learning_rate=0.5,
+                    lr_scheduler_type="constant", report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+                    data_seed=0, use_cpu=True, logging_steps=1)
+    return TrainingArguments(str(out), **{**defaults, **kwargs})

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import gated_model
@@ -61,11 +62,7 @@ def lm_data(n: int = 8, length: int = 10) -> list[dict]:
 
 
 def training_args(out, **kwargs) -> TrainingArguments:
-    defaults = dict(max_steps=2, per_device_train_batch_size=4, optim="sgd", learning_rate=0.5,
-                    lr_scheduler_type="constant", report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
-                    data_seed=0, use_cpu=True, logging_steps=1)
-    defaults.update(kwargs)
-    return TrainingArguments(str(out), **defaults)
+    return helpers.training_args(out, **{"max_steps": 2, "per_device_train_batch_size": 4, **kwargs})
 
 
 def trainer_for(model, out, distillation: hlc.Distillation, data=None, callbacks=None, **kwargs):

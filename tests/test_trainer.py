@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import training_args
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
@@ -64,14 +65,6 @@ def lm_data(n: int = 16) -> list[dict]:
         labels[: i % 5] = -100
         data.append({"input_ids": ids, "labels": labels})
     return data
-
-
-def training_args(tmp_path, **kwargs) -> TrainingArguments:
-    defaults = dict(max_steps=1, per_device_train_batch_size=16, optim="sgd", learning_rate=0.5,
-                    lr_scheduler_type="constant", report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
-                    data_seed=0, use_cpu=True, logging_steps=1)
-    defaults.update(kwargs)
-    return TrainingArguments(str(tmp_path), **defaults)
 
 
 def state(model) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from ..merging import merge_gated
 from ..modules import as_linear, projection_from
 from ..statistics import ResidualFitStats
 from ..targets import Identity
-from ..units import DecoderStack, GatedLayout, SpanLayout, Unit, decoder_stack, find_mlp_blocks
+from ..units import DecoderStack, GatedLayout, SpanLayout, Unit, decoder_stack, find_mlp_blocks, replaced_units
 from .budget import Budget
 from .objective import Objective
 from .plan import CollapsePlan, PlannedBlock, fingerprint
@@ -295,7 +295,7 @@ def _greedy(pool: list[_Candidate], params: int, factors: dict[str, float] | Non
 @torch.no_grad()
 def _measure(model: nn.Module, chosen: list[_Candidate], objective: Objective, progress) -> float:
     """The objective with the chosen units replaced (hooks; the model is unchanged)."""
-    handles = []
+    handles, merged = [], {}
     for candidate in chosen:
         unit, layout = candidate.unit, candidate.unit.layout
         owner = unit.owner(model)
@@ -312,14 +312,10 @@ def _measure(model: nn.Module, chosen: list[_Candidate], objective: Objective, p
             for index in range(layout.start, layout.end):
                 handles.append(owner[index].register_forward_hook(_skip_layer, with_kwargs=True))
         else:
-            merged = _merged(model, candidate)
-            stash: dict[str, torch.Tensor] = {}
-            handles.append(owner.get_submodule(layout.inputs[0]).register_forward_pre_hook(
-                lambda m, args, s=stash: s.__setitem__("x", args[0])))
-            handles.append(owner.get_submodule(layout.output).register_forward_hook(
-                lambda m, args, out, s=stash, f=merged: f(s["x"]).to(out.dtype)))
+            merged[unit] = _merged(model, candidate)
     try:
-        return objective(progress)
+        with replaced_units(model, merged):
+            return objective(progress)
     finally:
         for handle in handles:
             handle.remove()
