@@ -16,8 +16,11 @@ model); each removes at least that many. Methods, the peers implemented here fro
 * ``planner-mlp``: ``plan_collapse(units="mlp")``, the measured MLP-only planner (merged MLP blocks).
 * ``planner``: ``plan_collapse(units="mlp,layer,span")``, the one-pass planner over MLP blocks, layers and spans.
 
-Each job runs in a fresh process (one torch thread) whose wall time, CPU time and peak resident-set growth during the
-method are recorded. ``--quick`` runs one tiny job of each method (CI).
+Each job runs in a fresh process (one torch thread on the CPU) whose wall time, CPU time and peak resident-set
+growth during the method are recorded. ``--device cuda --dtype bfloat16``: the model's weights and forward passes on
+the GPU in bf16 (the planner's statistics stay fp32 products summed in fp64); the wall time is taken after
+``torch.cuda.synchronize``, the peak GPU memory is recorded and CPU time is not (it measures nothing of the GPU's
+work). A job that fails is reported and the others run. ``--quick`` runs one tiny job of each method (CI).
 
     python benchmarks/decoder_compression.py                       # the grid: both calibration texts, 16k tokens
     python benchmarks/decoder_compression.py --sweep               # calibration sizes 4k / 16k / 64k, 4 layers
@@ -34,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, environment, markdown_table, new_plot, save_plot
+from common import RESULTS, add_device_arguments, configure, describe, environment, markdown_table, new_plot, save_plot
 
 WINDOW = 256
 EVAL_WINDOWS = 32  # 8k held-out tokens per text
@@ -154,7 +157,7 @@ def replaceme(model, calibration, n: int):
             target = hidden.states["out", start + n - 1].reshape(m.shape) - residual
             if stats is None:
                 stats = ResidualFitStats(m.shape[1], m.shape[1], 1, m.device)
-            stats.update(m, [target], torch.ones(m.shape[0]))
+            stats.update(m, [target], torch.ones(m.shape[0], device=m.device))
     hidden.remove()
     transform = stats.solve(0, ridge=1e-8)
     cut_layers(model, stack, [Cut(stack.span(start, n).layout, transform)])
@@ -181,7 +184,7 @@ class Peak(threading.Thread):
 
 def worker(job: dict) -> dict:
     import torch
-    from common import assets
+    from common import assets, resolve_placement
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -190,22 +193,31 @@ def worker(job: dict) -> dict:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(job["threads"])
+    placement = resolve_placement(job.get("device", "cpu"), job.get("dtype", "float32"), training=False)
+    device, cuda = placement.device, placement.device.type == "cuda"
+    if cuda and device.index is not None:
+        torch.cuda.set_device(device)
     path = assets.smollm2_path() if not job.get("tiny") else job["tiny"]
     tokenizer = AutoTokenizer.from_pretrained(path)
     corpus = texts()
-    calibration = batches(windows(tokenizer, corpus[job["calibration"]][0], job["windows"], seed=1))
-    held_out = {d: windows(tokenizer, corpus[d][1], job["eval_windows"], seed=2) for d in DOMAINS}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    calibration = batches(windows(tokenizer, corpus[job["calibration"]][0], job["windows"], seed=1).to(device))
+    held_out = {d: windows(tokenizer, corpus[d][1], job["eval_windows"], seed=2).to(device) for d in DOMAINS}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype).to(device).eval()
     layer_params = sum(p.numel() for p in model.model.layers[0].parameters())  # every layer has the same size
     total = sum(p.numel() for p in model.parameters())
     result = {**job, "params_total": total}
     if job["method"] == "original":
         result["details"], result["seconds"], result["cpu_seconds"], result["peak_mb"] = {}, 0.0, 0.0, 0.0
+        if cuda:
+            result["cpu_seconds"], result["gpu_peak_mb"] = None, 0.0
     else:
         budget = job["layers"] * layer_params
         sampler = Peak()
         sampler.start()
-        start, cpu_start = time.perf_counter(), time.process_time()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            gpu_base = torch.cuda.memory_allocated(device)
+        start, cpu_start = placement.clock(), time.process_time()
         if job["method"] == "shortgpt":
             details = shortgpt(model, calibration, job["layers"])
         elif job["method"] == "replaceme":
@@ -215,11 +227,13 @@ def worker(job: dict) -> dict:
             plan = hlc.plan_collapse(model, calibration, num_params=budget, units=units, show_progress=False)
             hlc.collapse_model(model, plan=plan)
             details = {"selected": [(b.name, b.method) for b in plan.selected], "alternatives": plan.alternatives}
-        result["seconds"] = time.perf_counter() - start
-        result["cpu_seconds"] = time.process_time() - cpu_start
+        result["seconds"] = placement.clock() - start
+        result["cpu_seconds"] = None if cuda else time.process_time() - cpu_start  # CPU time misses the GPU's work
         sampler.running = False
         sampler.join()
         result["peak_mb"] = (max(sampler.peak, _rss()) - sampler.base) / 2**20
+        if cuda:
+            result["gpu_peak_mb"] = (torch.cuda.max_memory_allocated(device) - gpu_base) / 2**20
         result["details"] = details
     result["params_removed"] = total - sum(p.numel() for p in model.parameters())
     result["layers_left"] = model.config.num_hidden_layers
@@ -234,7 +248,7 @@ def worker(job: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ the grid
 def jobs(args) -> list[dict]:
-    base = {"threads": args.threads, "eval_windows": EVAL_WINDOWS}
+    base = {"threads": args.threads, "eval_windows": args.eval_windows, "device": args.device, "dtype": args.dtype}
     if args.quick:
         return [{**base, "method": m, "calibration": "shakespeare", "windows": 8, "layers": 1, "eval_windows": 4,
                  "tiny": args.tiny} for m in ("original", "shortgpt", "replaceme", "planner")]
@@ -288,24 +302,30 @@ def report(rows: list[dict], name: str, command_args: argparse.Namespace) -> Non
         cells = {"calibration": f"{r['calibration']} {r['windows'] * WINDOW // 1024}k", "budget (layers)": r["layers"],
                  "method": r["method"], "params removed": f"{100 * r['params_removed'] / r['params_total']:.1f}%",
                  "layers": r["layers_left"], "seconds": f"{r['seconds']:.0f}",
-                 "CPU seconds": f"{r['cpu_seconds']:.0f}", "peak MB": f"{r['peak_mb']:.0f}"}
+                 "CPU seconds": "–" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.0f}",
+                 "peak MB": f"{r['peak_mb']:.0f}"}
+        if "gpu_peak_mb" in r:
+            cells["GPU peak MB"] = f"{r['gpu_peak_mb']:.0f}"
         for domain in DOMAINS:
             ppl, base = r[f"ppl_{domain}"], original[f"ppl_{domain}"]
             cells[f"ppl {domain}"] = f"{ppl:.2f} ({100 * (ppl / base - 1):+.1f}%)"
         table.append(cells)
     columns = ["calibration", "budget (layers)", "method", "params removed", "layers", *(f"ppl {d}" for d in DOMAINS),
-               "seconds", "CPU seconds", "peak MB"]
+               "seconds", "CPU seconds", "peak MB", *(["GPU peak MB"] if "gpu_peak_mb" in original else [])]
     text = markdown_table(table, columns)
     print(text)
     env = environment()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    where = describe(command_args.device, command_args.dtype, env.get("gpu"), weights=True)
     head = (f"# Decoder compression without training (SmolLM2-135M)\n\nCommand: `{env['command']}` on "
-            f"{env['machine']} ({env['cpus']} CPUs, {command_args.threads} torch thread per job, torch {env['torch']}, "
-            f"transformers {env['transformers']}).\n\nOriginal model: perplexity "
+            f"{env['machine']} ({env['cpus']} CPUs, {command_args.threads} torch thread per job, {where}, torch "
+            f"{env['torch']}, transformers {env['transformers']}).\n\nOriginal model: perplexity "
             f"{original['ppl_shakespeare']:.2f} (held-out Shakespeare), {original['ppl_python']:.2f} (held-out Python "
-            f"documentation); {EVAL_WINDOWS} × {WINDOW} held-out tokens per text. Cells: perplexity (change vs the "
-            "original model).\n\n")
+            f"documentation); {original['eval_windows']} × {WINDOW} held-out tokens per text. Cells: perplexity "
+            "(change vs the original model)." + (" Peak MB: resident-set growth; GPU peak MB: peak CUDA memory "
+                                                "allocated during the method." if "gpu_peak_mb" in original else "")
+            + "\n\n")
     (RESULTS / f"{name}.md").write_text(head + text + f"\n\n![perplexity against parameters removed]({name}.png)\n")
     if not command_args.quick:
         fig, axes = new_plot()
@@ -332,12 +352,19 @@ def main() -> None:
     parser.add_argument("--calibrations", nargs="+", default=list(DOMAINS), choices=DOMAINS,
                         help="the texts to calibrate on (each method is measured on both)")
     parser.add_argument("--windows", type=int, default=64, help="calibration windows of 256 tokens (default 16k)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval_windows", type=int, default=EVAL_WINDOWS,
+                        help=f"held-out windows of 256 tokens per text (default {EVAL_WINDOWS}: 8k tokens)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per job (default 1 on the CPU, all on CUDA)")
     parser.add_argument("--name", default=None)
+    add_device_arguments(parser, "the model's weights and forward passes: float32, bfloat16 (cpu or cuda), float16 "
+                                 "(cuda)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    placement = configure(parser, args, training=False)
+    print(f"device: {placement.label(weights=True)}", flush=True)
     name = args.name or ("decoder_compression_quick" if args.quick else
                          "decoder_compression_sweep" if args.sweep else "decoder_compression")
     rows = []
@@ -345,13 +372,23 @@ def main() -> None:
         import tempfile
 
         args.tiny = tiny_model(Path(tempfile.mkdtemp(prefix="decoder_compression_")))
+    failed = []
     for job in jobs(args):
-        rows.append(run(job))
+        try:
+            rows.append(run(job))
+        except RuntimeError as error:  # one method failing leaves the others' jobs to run; the original model cannot
+            if job["method"] == "original":
+                raise
+            print(error, file=sys.stderr, flush=True)
+            failed.append({k: job[k] for k in ("method", "calibration", "windows", "layers")})
+            continue
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "details"}), flush=True)
         report(rows, name, args)  # partial results are kept as they come
     if args.quick:
         Path(RESULTS / f"{name}.md").unlink(missing_ok=True)
         Path(RESULTS / f"{name}.json").unlink(missing_ok=True)
+    if failed:
+        raise SystemExit(f"{len(failed)} job(s) failed (their errors above; the results hold the others): {failed}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ progressive LayerCollapse fine-tuning with the constant gate, and plain fine-tun
     python benchmarks/gated_perplexity.py            # full run (about 40 minutes on 1 CPU thread)
     python benchmarks/gated_perplexity.py --quick    # CI smoke run: 2 blocks, 1 step per stage, tiny texts
 
-SmolLM2-135M-Instruct in fp32 on the CPU, one thread. Held-out text: the start of Macbeth; calibration text: the
-start of Hamlet; training text: the other 40 Shakespeare texts (shuffled 256-token windows). No text is shared.
+SmolLM2-135M-Instruct in fp32 on the CPU, one thread (``--device cuda --dtype bfloat16``: on a GPU, the Trainer's bf16
+mixed precision over fp32 weights, the evaluations under the same autocast, the planner and merges in fp32).
+Held-out text: the start of Macbeth; calibration text: the start of Hamlet; training text: the other 40 Shakespeare
+texts (shuffled 256-token windows). No text is shared.
 
 * ``planner``: :func:`~hf_layercollapse.plan_collapse` on the calibration text measures every one of the 30 blocks
   (least-squares map, gate at its mean, or gate fitted by least squares, chosen per block on its held-out half);
@@ -45,7 +47,18 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, assets, environment, markdown_table, new_plot, save_plot
+from common import (
+    RESULTS,
+    active_placement,
+    add_device_arguments,
+    assets,
+    configure,
+    environment,
+    markdown_table,
+    new_plot,
+    save_plot,
+    without_autocast,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
@@ -91,7 +104,9 @@ def perplexity(model, ids: torch.Tensor, batch_size: int) -> float:
     """exp(mean next-token loss) over equal-length windows (every window predicts the same number of tokens)."""
     was_training = model.training
     model.eval()
-    losses = [float(model(input_ids=b["input_ids"], labels=b["input_ids"]).loss) for b in batches(ids, batch_size)]
+    ids = ids.to(next(model.parameters()).device)
+    with active_placement().autocast():
+        losses = [float(model(input_ids=b["input_ids"], labels=b["input_ids"]).loss) for b in batches(ids, batch_size)]
     model.train(was_training)
     return math.exp(sum(losses) / len(losses))
 
@@ -170,7 +185,7 @@ def training_arguments(args, steps: int) -> TrainingArguments:
     return TrainingArguments(tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=args.batch_size,
                              learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, report_to=[],
                              save_strategy="no", disable_tqdm=True, seed=args.seed, data_seed=args.seed,
-                             use_cpu=True, logging_steps=1, dataloader_num_workers=0)
+                             logging_steps=1, dataloader_num_workers=0, **active_placement().training_kwargs())
 
 
 def layercollapse(base, order: list[str], calibration, train, heldout, args) -> tuple[list[dict], list[dict]]:
@@ -179,14 +194,15 @@ def layercollapse(base, order: list[str], calibration, train, heldout, args) -> 
     model = copy.deepcopy(base)
     blocks = {b.name: b.index for b in hlc.find_mlp_blocks(model)}
     config = hlc.LayerCollapseConfig(layers_to_transform=sorted(blocks[name] for name in order),
-                                     reg_weight=args.reg_weight, linear_target=args.linear_target)
+                                     reg_weight=args.reg_weight, linear_target=args.linear_target,
+                                     affine_rank=args.affine_rank)
     hlc.get_collapse_model(model, config, calibration_data=batches(calibration, args.eval_batch))
     set_trainable(model, order, args.trainable)
     assert list(hlc.injected_activations(model)) == sorted(order, key=blocks.get)
 
     def measure(model, k: int) -> dict:
         alphas = {name: act.alpha_value for name, act in hlc.injected_activations(model).items()}
-        clone = copy.deepcopy(model)
+        clone = without_autocast(copy.deepcopy(model))
         hlc.collapse_model(clone, blocks=order[:k])  # exact α = 1 on the finished blocks: no force needed
         row = {"method": "layercollapse", "k": k, "perplexity": perplexity(clone, heldout, args.eval_batch),
                "params": model_params(clone), "alphas": alphas}
@@ -208,7 +224,7 @@ def layercollapse(base, order: list[str], calibration, train, heldout, args) -> 
 def merged_after_training(model, blocks: list[str], calibration, heldout, args) -> dict:
     """A copy of ``model`` with ``blocks`` replaced by their least-squares affine maps fitted on the calibration text
     (``linear_target="affine"`` at α = 1, collapsed), no training after: compressing after plain fine-tuning."""
-    clone = copy.deepcopy(model)
+    clone = without_autocast(copy.deepcopy(model))
     indices = {b.name: b.index for b in hlc.find_mlp_blocks(clone)}
     config = hlc.LayerCollapseConfig(layers_to_transform=sorted(indices[name] for name in blocks),
                                      linear_target="affine")
@@ -352,14 +368,20 @@ def main() -> None:
     parser.add_argument("--planner_from", metavar="NAME",
                         help="reuse the planner ranking and rows of results/NAME.json (same data settings)")
     parser.add_argument("--name", default="gated_perplexity", help="results/NAME.{json,md,png}")
+    parser.add_argument("--affine_rank", type=int, default=None,
+                        help="with --linear_target affine: train a rank-R correction of each frozen fitted map "
+                             "(LayerCollapseConfig.affine_rank) instead of the full matrix")
     parser.add_argument("--trainable", choices=["blocks", "mlps", "all"], default="blocks",
                         help="what both fine-tunings update: the MLPs of the collapsed blocks, every MLP, or every "
                              "parameter")
     parser.add_argument("--eval_batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on the CPU, all on CUDA)")
     parser.add_argument("--quick", action="store_true")
+    add_device_arguments(parser)
     args = parser.parse_args()
+    placement = configure(parser, args)
+    print(f"device: {placement.label()}", flush=True)
     if args.quick:
         args.ks, args.seq_len, args.batch_size, args.stage_steps = [0, 1, 2], 64, 2, 1
         args.heldout_tokens, args.calibration_tokens, args.eval_batch = 128, 128, 1
@@ -371,7 +393,7 @@ def main() -> None:
     started = time.time()
     path = assets.smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(placement.device)  # fp32 master weights
     base_params = model_params(base)
     heldout, calibration, train = load_texts(tokenizer, args)
     original = perplexity(base, heldout, args.eval_batch)
@@ -418,14 +440,16 @@ def main() -> None:
     refit = (" Each block's target is fitted again on the calibration text when its stage starts "
              "(`--refit_targets`)." if args.refit_targets else "")
     target = {"default": "c starts at the mean of act(gate(x))", "fitted": "c starts at its least-squares fit",
-              "affine": "each block blends towards its affine map (relative least squares, learnable)"}
+              "affine": "each block blends towards its affine map (relative least squares, learnable)"
+              + (f": the fit frozen, a rank-{args.affine_rank} correction learnable (affine_rank={args.affine_rank})"
+                 if args.affine_rank else "")}
     trained = {"blocks": f"the MLP weights of the {args.num_blocks} blocks", "mlps": "the MLP weights of every block",
                "all": "every parameter"}
     frozen = "" if args.trainable == "all" else ", everything else frozen"
     (RESULTS / f"{args.name}.md").write_text(
         f"# Gated MLPs: held-out perplexity against collapsed blocks (SmolLM2-135M-Instruct, Shakespeare)\n\n"
         f"Command: `{env['command']}` ({minutes:.0f} min on {env['machine']}, {args.threads} torch thread of "
-        f"{env['cpus']} CPUs, fp32; torch {env['torch']}, transformers {env['transformers']}).\n\n"
+        f"{env['cpus']} CPUs, {placement.label()}; torch {env['torch']}, transformers {env['transformers']}).\n\n"
         f"Held-out: {len(heldout)} × {args.seq_len} tokens of Macbeth; calibration: {len(calibration)} × "
         f"{args.seq_len} tokens of Hamlet; training: windows of the other 40 texts. Budget: {args.stage_steps} "
         f"optimizer steps per block × {args.num_blocks} blocks, batch {args.batch_size} × {args.seq_len} tokens "

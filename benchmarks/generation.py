@@ -23,7 +23,9 @@ plays (Hamlet, Julius Caesar, The Tempest, Twelfth Night). Then, for k = 0..n_la
 ``--linear_target fitted|affine``: ours blends towards per-channel lines or each block's least-squares affine map,
 fitted on the calibration windows and again when each block's stage starts (``--name`` keeps the results apart).
 With several ``--seeds`` only the fine-tuning (ours and plain) is repeated; the pretrained model is one
-(``--pretrain_seed``). Writes results/generation.{json,md,png} and, in the JSON, greedy 30-token samples.
+(``--pretrain_seed``). ``--device`` / ``--dtype``: the Trainer's device and mixed precision (fp32 master weights),
+the evaluations and samples under the same autocast. Writes results/generation.{json,md,png} and, in the JSON,
+greedy 30-token samples.
 """
 
 from __future__ import annotations
@@ -37,7 +39,18 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, assets, environment, markdown_table, new_plot, save_plot
+from common import (
+    RESULTS,
+    active_placement,
+    add_device_arguments,
+    assets,
+    configure,
+    environment,
+    markdown_table,
+    new_plot,
+    save_plot,
+    without_autocast,
+)
 from transformers import (
     AutoTokenizer,
     GPT2Config,
@@ -80,10 +93,12 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
     """exp of the mean next-token loss over all predicted tokens of the windows."""
     was_training = model.training
     model.eval()
+    windows = windows.to(next(model.parameters()).device)
     total = 0.0
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
-        total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
+        with active_placement().autocast():
+            total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
     model.train(was_training)
     return math.exp(total / len(windows))
 
@@ -91,9 +106,10 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
 @torch.no_grad()
 def sample(model, tokenizer, new_tokens: int = 30) -> str:
     model.eval()
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+    with active_placement().autocast():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:])
 
 
@@ -101,8 +117,8 @@ def sample(model, tokenizer, new_tokens: int = 30) -> str:
 def training_args(steps: int, lr: float, seed: int, batch_size: int, warmup: int, **kwargs) -> TrainingArguments:
     return TrainingArguments(tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch_size,
                              learning_rate=lr, warmup_steps=warmup, weight_decay=0.01, adam_beta2=0.95, report_to=[],
-                             save_strategy="no", disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=True,
-                             logging_steps=5, dataloader_num_workers=0, **kwargs)
+                             save_strategy="no", disable_tqdm=True, seed=seed, data_seed=seed, logging_steps=5,
+                             dataloader_num_workers=0, **active_placement().training_kwargs(), **kwargs)
 
 
 def finetune_args(steps: int, seed: int, args) -> TrainingArguments:
@@ -129,7 +145,7 @@ def pretrain(config: GPT2Config, train: Windows, args) -> GPT2LMHeadModel:
     targs = training_args(args.pretrain_steps, args.pretrain_lr, args.pretrain_seed, args.batch_size, warmup,
                           lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1})
     Trainer(model=model, args=targs, train_dataset=train).train()
-    return model.eval()
+    return without_autocast(model).eval()  # the baselines' calibration and merges see its own fp32 forward
 
 
 def layercollapse(base, train: Windows, evaluation: torch.Tensor, calibration: torch.Tensor, args,
@@ -147,7 +163,7 @@ def layercollapse(base, train: Windows, evaluation: torch.Tensor, calibration: t
         k = step // args.stage_steps
         acts = hlc.injected_activations(trained)
         assert all(acts[name].alpha_value == 1.0 for name in order[:k]), {n: a.alpha_value for n, a in acts.items()}
-        clone = copy.deepcopy(trained)
+        clone = without_autocast(copy.deepcopy(trained))
         hlc.collapse_model(clone, blocks=order[:k])
         rows.append({"method": "LayerCollapse (progressive)", "seed": seed, "k": k, "step": step,
                      "perplexity": perplexity(clone, evaluation), "params": model_params(clone),
@@ -303,9 +319,12 @@ def main() -> None:
                         help="LayerCollapseConfig.linear_target of ours (fitted on the calibration windows and again "
                              "at each block's stage start)")
     parser.add_argument("--name", default="generation", help="results/NAME.{json,md,png}")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on the CPU, all on CUDA)")
     parser.add_argument("--quick", action="store_true")
+    add_device_arguments(parser)
     args = parser.parse_args()
+    placement = configure(parser, args)
+    print(f"device: {placement.label()}", flush=True)
     max_chars = None
     if args.quick:
         args.n_layer, args.n_embd, args.n_inner, args.n_head, args.seq_len, args.batch_size = 2, 32, 128, 2, 32, 4
@@ -376,7 +395,8 @@ def main() -> None:
     (RESULTS / f"{args.name}.md").write_text(
         f"# Held-out perplexity vs collapsed MLP blocks (GPT-2 config from scratch, Shakespeare)\n\n"
         f"Command: `{env['command']}` ({minutes:.0f} min on {env['machine']}, {env['cpus']} CPUs, "
-        f"{args.threads} torch thread(s); torch {env['torch']}, transformers {env['transformers']}).\n\n"
+        f"{args.threads} torch thread(s), {placement.label()}; torch {env['torch']}, transformers "
+        f"{env['transformers']}).\n\n"
         f"Model: GPT2LMHeadModel, {args.n_layer} blocks, n_embd {args.n_embd}, n_inner {args.n_inner}, "
         f"{args.seq_len} positions, tied embeddings, real GPT-2 tokenizer ({len(tokenizer):,} tokens): "
         f"{info['params']:,} parameters, {info['non_embedding']:,} outside the embeddings. Pretrained from scratch "

@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --seeds 0 1 2       # full run (about 25 minutes per seed on one CPU core)
     python benchmarks/quality.py --quick             # CI smoke run: a few steps, tiny eval (not results)
+    python benchmarks/quality.py --device cuda --dtype bfloat16 --name quality_gpu   # on a GPU, bf16 mixed precision
 
 Seeds can run in separate processes and be merged (the result files record every run's command):
 
@@ -27,7 +28,9 @@ Every method at k collapsed blocks has had exactly the same training: the same o
   linearisation (W2·W1), the calibration planner with data-aware merging (``plan_collapse`` on 256 training tweets,
   its k cheapest blocks), dropping the MLPs outright, and magnitude width-pruning of the MLPs to the parameter
   count of their collapsed form.
-Writes results/quality.{json,md} and results/quality.png (accuracy against parameters removed).
+``--device`` / ``--dtype``: the Trainer's device and mixed precision (fp32 master weights); the evaluations run under
+the same autocast, the library's calibration and merges in fp32. Writes results/quality.{json,md} and
+results/quality.png (accuracy against parameters removed).
 """
 
 from __future__ import annotations
@@ -40,7 +43,19 @@ import tempfile
 import time
 
 import torch
-from common import RESULTS, assets, environment, markdown_table, new_plot, save_plot
+from common import (
+    RESULTS,
+    active_placement,
+    add_device_arguments,
+    assets,
+    configure,
+    describe,
+    environment,
+    markdown_table,
+    new_plot,
+    save_plot,
+    without_autocast,
+)
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
@@ -70,10 +85,13 @@ def encode(tokenizer, split, limit: int | None) -> list[dict]:
 @torch.no_grad()
 def accuracy(model, batches: list[dict]) -> float:
     model.eval()
+    device = next(model.parameters()).device
     correct = total = 0
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        with active_placement().autocast():
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+        correct += int((logits.argmax(-1) == batch["labels"].to(device)).sum())
         total += len(batch["labels"])
     return correct / total
 
@@ -92,8 +110,8 @@ def train(model, data, collator, args, seed: int, callback: TrainerCallback, tra
     steps = args.warmup_steps + NUM_BLOCKS * args.stage_steps + args.recovery_steps
     training = TrainingArguments(tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=32,
                                  learning_rate=1e-4, weight_decay=0.01, report_to=[], save_strategy="no",
-                                 disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=True, logging_steps=steps,
-                                 train_sampling_strategy="group_by_length")
+                                 disable_tqdm=True, seed=seed, data_seed=seed, logging_steps=steps,
+                                 train_sampling_strategy="group_by_length", **active_placement().training_kwargs())
     trainer_cls(model=model, args=training, train_dataset=data, data_collator=collator, callbacks=[callback],
                 **kwargs).train()
     return model
@@ -130,7 +148,8 @@ def drop_mlps(model, k: int) -> None:
     for block in mlp_blocks(model)[-k:]:
         owner = model.get_submodule(block.name)
         fc1, fc2 = owner.get_submodule(block.layout.fc1), owner.get_submodule(block.layout.fc2)
-        stub1, stub2 = nn.Linear(fc1.in_features, 1, bias=False), nn.Linear(1, fc2.out_features, bias=False)
+        stub1 = nn.Linear(fc1.in_features, 1, bias=False).to(fc1.weight)
+        stub2 = nn.Linear(1, fc2.out_features, bias=False).to(fc1.weight)
         nn.init.zeros_(stub1.weight)
         nn.init.zeros_(stub2.weight)
         setattr_path(owner, block.layout.fc1, stub1)
@@ -147,7 +166,7 @@ def width_prune(model, k: int) -> None:
         keep = max(1, round((d_in * d_out) / (d_in + d_out + 1)))
         score = fc1.weight.norm(dim=1) * fc2.weight.norm(dim=0)
         index = score.topk(keep).indices.sort().values
-        new1, new2 = nn.Linear(d_in, keep), nn.Linear(keep, d_out)
+        new1, new2 = nn.Linear(d_in, keep).to(fc1.weight), nn.Linear(keep, d_out).to(fc1.weight)
         with torch.no_grad():
             new1.weight.copy_(fc1.weight[index])
             new1.bias.copy_(fc1.bias[index])
@@ -182,7 +201,7 @@ def planned_order(base, train_data, collator, calibration, args, seed: int) -> l
     LayerCollapse run's warm-up (its blocks are held at α = 0 until then), stopped there."""
     model = copy.deepcopy(base)
     train(model, train_data, collator, args, seed, StopAt(args.warmup_steps))
-    plan = hlc.plan_collapse(model.eval(), calibration, num_blocks=1, show_progress=False)
+    plan = hlc.plan_collapse(without_autocast(model).eval(), calibration, num_blocks=1, show_progress=False)
     return [c.name for c in sorted(plan.candidates, key=lambda c: c.cost)]
 
 
@@ -190,21 +209,26 @@ def layercollapse(base, train_data, collator, test, calibration, args, seed: int
                   order: list[str] | None = None) -> list[dict]:
     target = args.linear_target if activation == "blend" else "default"
     fitted = target != "default"
-    config = hlc.LayerCollapseConfig(activation=activation, linear_target=target)
-    model = hlc.get_collapse_model(copy.deepcopy(base), config, calibration_data=calibration if fitted else None)
+    rank = args.affine_rank if target == "affine" else None
+    config = hlc.LayerCollapseConfig(activation=activation, linear_target=target, affine_rank=rank)
+    model = hlc.get_collapse_model(copy.deepcopy(base).to(active_placement().device), config,
+                                   calibration_data=calibration if fitted else None)
     refit = fitted and args.refit_targets
-    method = (f"layercollapse-{activation}" + (f"-{target}" if fitted else "") + ("-refit" if refit else "")
-              + ("-planned" if order else ""))
+    method = (f"layercollapse-{activation}" + (f"-{target}" if fitted else "") + (f"-r{rank}" if rank else "")
+              + ("-refit" if refit else "") + ("-planned" if order else ""))
+    target_trainable = sum(p.numel() for act in hlc.injected_activations(model).values()
+                           for p in act.target_parameters())
     rows = []
     order = order or list(hlc.injected_activations(model))[::-1]  # deepest first
 
     def measure(model, k: int) -> None:
-        clone = copy.deepcopy(model)
+        clone = without_autocast(copy.deepcopy(model))
         if k:  # the first k blocks of the order finished their stages: α = 1 exactly
             hlc.collapse_model(clone, blocks=order[:k])
         rows.append({"method": method, "k": k, "seed": seed, "accuracy": accuracy(clone, test),
                      # the architecture's own parameters: α and the blocks' targets (c, affine maps) are not counted
-                     "params": model_params(clone), "alpha_before_hold": callback.alpha_before_hold.get(k)})
+                     "params": model_params(clone), "alpha_before_hold": callback.alpha_before_hold.get(k),
+                     "target_trainable": target_trainable})
         print(rows[-1], flush=True)
 
     callback = AtCheckpoints(model, args, measure, order)
@@ -223,10 +247,10 @@ def baselines(base, train_data, collator, test, calibration, args, seed: int) ->
         new = [{"method": "plain fine-tuning", "k": k, "accuracy": accuracy(model, test), "params": params(model)}]
         if k:
             for name, method in (("naive linearise", naive), ("drop MLP", drop_mlps), ("width prune", width_prune)):
-                clone = copy.deepcopy(model)
+                clone = without_autocast(copy.deepcopy(model))
                 method(clone, k)
                 new.append({"method": name, "k": k, "accuracy": accuracy(clone, test), "params": params(clone)})
-            clone = copy.deepcopy(model).eval()
+            clone = without_autocast(copy.deepcopy(model)).eval()
             plan = hlc.plan_collapse(clone, calibration, num_blocks=k, show_progress=False)
             hlc.collapse_model(clone, plan=plan)
             new.append({"method": "planner (data-aware)", "k": k, "accuracy": accuracy(clone, test),
@@ -281,17 +305,22 @@ def main() -> None:
     parser.add_argument("--reg_weight", type=float, default=1.0)
     parser.add_argument("--train_size", type=int, default=None)
     parser.add_argument("--test_size", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leaves a core to other work)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default 1 on the CPU: leaves a core to other work; every core on CUDA)")
     parser.add_argument("--methods", nargs="+", default=["baselines", "blend", "prelu"],
                         choices=["baselines", "blend", "prelu"])
     parser.add_argument("--linear_target", choices=["default", "fitted", "affine"], default="default",
                         help="LayerCollapseConfig.linear_target of the blend runs ('fitted': per-channel lines, "
                              "'affine': each block's least-squares affine map, fitted on the 256 calibration tweets)")
+    parser.add_argument("--affine_rank", type=int, default=None,
+                        help="with --linear_target affine: train a rank-R correction of each frozen fitted map "
+                             "(LayerCollapseConfig.affine_rank) instead of the full matrix")
     parser.add_argument("--refit_targets", action="store_true",
                         help="with --linear_target fitted/affine: refit each block's target when its stage starts")
     parser.add_argument("--order", choices=["deepest_first", "planned"], default="deepest_first",
                         help="LayerCollapse stage order: the paper's, or the planner's ranking after the warm-up")
     parser.add_argument("--quick", action="store_true")
+    add_device_arguments(parser)
     parser.add_argument("--name", default="quality", help="results/NAME.{json,md,png}")
     parser.add_argument("--merge", nargs="+", metavar="NAME", help="merge results/NAME.json files into --name")
     parser.add_argument("--combine", nargs="+", metavar="NAME",
@@ -306,6 +335,8 @@ def main() -> None:
         return
     if args.refit_targets and args.linear_target == "default":
         parser.error("--refit_targets refits the fitted targets: it needs --linear_target fitted or affine")
+    placement = configure(parser, args)
+    print(f"device: {placement.label()}", flush=True)
     if args.quick:
         args.warmup_steps, args.stage_steps, args.recovery_steps, args.train_size, args.test_size = 1, 1, 1, 64, 32
     torch.set_num_threads(args.threads)
@@ -354,8 +385,9 @@ def write(rows: list[dict], base_params: int, args, started: float, runs: list[d
         f"`{env['command']}` ({env['minutes']:.0f} min)")
     (RESULTS / f"{args.name}.md").write_text(
         f"# Quality vs compression (all-MiniLM-L6-v2, binary tweets)\n\nCommand: {commands} on {env['machine']}, "
-        f"{env['cpus']} CPUs, {args.threads} torch thread per run; seeds done: {seeds}. Test set: "
-        f"{args.test_size} tweets. Training: {steps} steps of batch 32 for every method; checkpoint k at step "
+        f"{env['cpus']} CPUs, {args.threads} torch thread per run, {describe(args.device, args.dtype, env.get('gpu'))}"
+        f"; seeds done: {seeds}. Test set: {args.test_size} tweets. Training: {steps} steps of batch 32 for every "
+        f"method; checkpoint k at step "
         f"{args.warmup_steps} + k × {args.stage_steps} (k = 6: step {steps}); accuracy mean ± standard deviation "
         f"over seeds.\n\n{table}\n\n![accuracy vs parameters removed]({args.name}.png)\n")
 
@@ -364,8 +396,8 @@ def merge(args) -> None:
     """Combine the rows of several runs (different seeds, same settings) into results/<--name>.*."""
     loaded = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.merge]
     defaults = {"methods": ["baselines", "blend", "prelu"], "order": "deepest_first",  # runs from before these
-                "linear_target": "default", "refit_targets": False}  # options existed ran them all, in this
-    # order, with this target and no refit
+                "linear_target": "default", "refit_targets": False,  # options existed ran them all, in this
+                "device": "cpu", "dtype": "float32"}  # order, with this target and no refit, on the CPU in fp32
     settings = [{**defaults, **{k: v for k, v in item["environment"]["args"].items()
                                 if k not in ("seeds", "name", "merge", "combine")}} for item in loaded]
     if any(s != settings[0] for s in settings):

@@ -59,8 +59,10 @@ class CollapsibleModule(WrappedActivation):
         return f"Block {' -> '.join(layout.parts)}" if layout is not None else "Block"
 
     def target_parameters(self) -> list[torch.Tensor]:
-        """The learnable tensors of the target besides α (a gated block's ``c``, an affine map)."""
-        return list(self.target_tensors().values()) if self.target.trainable else []
+        """The learnable tensors of the target besides α (a gated block's ``c``, an affine map or its low-rank
+        correction)."""
+        tensors = self.target_tensors()
+        return [tensors[name] for name in self.target.trainable_names]
 
     def regularization_term(self) -> torch.Tensor:
         """``(1−α)²``: the term recorded by the latest forward pass (consumed), else computed from α now.
@@ -124,7 +126,7 @@ class CollapsibleActivation(CollapsibleModule):
                              f"{sorted(tensors)}.")
         for name in self.target.tensor_names:
             value = tensors[name].detach().clone()
-            if self.target.trainable:
+            if self.target.trainable_tensor(name):
                 setattr(self, name, nn.Parameter(value))
             else:
                 self.register_buffer(name, value)

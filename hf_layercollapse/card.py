@@ -388,9 +388,10 @@ def card_variables(model: PreTrainedModel, report: CollapseReport, **options: An
     settings = record.config
     activation = settings.activation if settings is not None else "blend"
     linear_target = settings.linear_target if settings is not None else "default"
+    affine_rank = settings.affine_rank if settings is not None else None
     trained = [e for e in entries if not e.method] or list(record.units.values())  # none yet: the injected ones
     kinds = sorted({e.layout.kind.value: e.layout for e in trained}.items(), reverse=True)  # plain first
-    trained_targets = list(dict.fromkeys(target_for(layout, linear_target, activation).describe()
+    trained_targets = list(dict.fromkeys(target_for(layout, linear_target, activation, affine_rank).describe()
                                          for _, layout in kinds))
     every_block = table_units(original)  # a report of collapse_model lists only the injected blocks
     blocks = [{"name": _cell(b.name), "kind": b.kind, "alpha": "-" if b.alpha is None else f"{b.alpha:.4f}",

@@ -310,10 +310,25 @@ def register_auto_classes(config_cls: type[PretrainedConfig]) -> None:
         except (KeyError, ImportError, AttributeError):
             continue
         if any(mapping is m for m in model_mappings):  # a model class: its derived class rebuilds the record
-            if not (isinstance(value, type) and issubclass(value, PreTrainedModel)):
+            value = _derived_model_value(value)
+            if value is None:
                 continue
-            value = collapsed_model_class(value)
         mapping.register(config_cls, value, exist_ok=True)
+
+
+def _is_model_class(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, PreTrainedModel)
+
+
+def _derived_model_value(value: Any) -> Any:
+    """What a model mapping maps the derived config to: the derived class of ``value``, or for a tuple of classes
+    (FunnelModel/FunnelBaseModel, DeiT's two image classifiers) the tuple of their derived classes, which keep their
+    base's names (``_get_model_class`` picks the one that ``config.architectures`` names). None: nothing to map."""
+    if _is_model_class(value):
+        return collapsed_model_class(value)
+    if isinstance(value, (list, tuple)) and value and all(_is_model_class(v) for v in value):
+        return tuple(collapsed_model_class(v) for v in value)
+    return None
 
 
 def mark_model(model: PreTrainedModel) -> None:

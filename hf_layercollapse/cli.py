@@ -130,6 +130,9 @@ def configure_inspect(parser: argparse.ArgumentParser) -> None:
                         choices=["default", "fitted", "affine"],
                         help="also estimate the memory injecting every MLP block towards this linear target and "
                              "training it with AdamW adds (estimate_memory; default target: 'default')")
+    parser.add_argument("--affine_rank", type=int, default=None, metavar="R",
+                        help="with --memory affine: a rank-R trainable correction of the frozen fitted map instead of "
+                             "the full matrix")
 
 
 def _inspect_rows(model, threshold: float) -> list[dict[str, Any]]:
@@ -198,8 +201,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         from .config import CollapseConfig
         from .memory import estimate_memory
 
-        estimate = estimate_memory(model, CollapseConfig(linear_target=args.memory))
-        result["memory"] = {"linear_target": args.memory, **estimate.to_dict()}
+        estimate = estimate_memory(model, CollapseConfig(linear_target=args.memory, affine_rank=args.affine_rank))
+        result["memory"] = {"linear_target": args.memory, "affine_rank": args.affine_rank, **estimate.to_dict()}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -221,7 +224,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"{what.format(n=len(saving_['blocks']))} would save {saving_['params_saved']:,} parameters "
               f"({100 * saving_['fraction']:.2f}%)")
     if estimate is not None:
-        print(f"\nMemory added by LayerCollapse (linear_target={args.memory!r}, AdamW):\n{estimate}")
+        rank = f", affine_rank={args.affine_rank}" if args.affine_rank is not None else ""
+        print(f"\nMemory added by LayerCollapse (linear_target={args.memory!r}{rank}, AdamW):\n{estimate}")
     return 0
 
 

@@ -198,6 +198,11 @@ class _MergeProbe:
                 for _, host in units:
                     host.alpha.fill_(1.0)
                 model(**inputs)
+                # the reference is the module replayed alone, as verify replays the merged one: the forward pass
+                # may have run under an autocast that the model's own forward adds (Trainer's bf16 wrapper)
+                self.seen = {name: (args, kwargs, self._replay(name, args, kwargs))
+                             for name, (args, kwargs, _) in self.seen.items()}
+                self.seen = {name: seen for name, seen in self.seen.items() if seen[2] is not None}
         except Exception as err:  # any failure of the probe forward only skips the check
             logger.warning("Merges not verified: the probe forward pass failed (%s: %s).", type(err).__name__, err)
             self.seen = {}
@@ -212,10 +217,20 @@ class _MergeProbe:
         if missing and self.seen:
             logger.warning("Merges of %s not verified: the probe forward pass does not reach them.", missing)
 
+    def _replay(self, name: str, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+        """The outputs of unit ``name``'s module called alone on its recorded inputs (``None``: it cannot be)."""
+        unit = next(u for u, _ in self.units if u.name == name)
+        try:
+            return _tensors(unit.owner(self.model)(*args, **kwargs))
+        except Exception as err:  # a module that cannot be called again alone: no verdict
+            logger.warning("Merge of %s not verified: replaying its module failed (%s: %s).", name,
+                           type(err).__name__, err)
+            return None
+
     def _recorder(self, name: str):
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if name not in self.seen:  # a module called twice (shared weights) is checked on its first call
-                self.seen[name] = (_detached(args), _detached(kwargs), _tensors(output))
+                self.seen[name] = (_detached(args), _detached(kwargs), None)  # the output: replayed after
         return record
 
     def verify(self) -> None:
@@ -228,11 +243,8 @@ class _MergeProbe:
                     if unit.name not in self.seen:
                         continue
                     args, kwargs, expected = self.seen[unit.name]
-                    try:
-                        found = _tensors(unit.owner(self.model)(*args, **kwargs))
-                    except Exception as err:  # a module that cannot be called again alone: no verdict
-                        logger.warning("Merge of %s not verified: replaying its module failed (%s: %s).",
-                                       unit.name, type(err).__name__, err)
+                    found = self._replay(unit.name, args, kwargs)
+                    if found is None:
                         continue
                     error = _mismatch(expected, found)
                     if error is not None:

@@ -92,6 +92,11 @@ class CollapseConfig:
                           "act(gate(x))), 'fitted' (least squares on calibration data) or 'affine' (the block "
                           "blends towards its least-squares affine map, learnable)."},
     )
+    affine_rank: int | None = field(
+        default=None,
+        metadata={"help": "linear_target='affine' only: train a rank-r correction of the fitted map (frozen) instead "
+                          "of the full d_out×d_in matrix (None)."},
+    )
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -103,6 +108,14 @@ class CollapseConfig:
         if self.linear_target != "default" and self.activation != "blend":
             raise LayerCollapseConfigError(f"linear_target={self.linear_target!r} blends towards a fitted target: it "
                                            f"needs activation='blend', not {self.activation!r}.")
+        if self.affine_rank is not None:
+            if isinstance(self.affine_rank, bool) or not isinstance(self.affine_rank, int) or self.affine_rank < 1:
+                raise LayerCollapseConfigError(f"affine_rank={self.affine_rank!r} must be None (the full matrix) or a "
+                                               "positive int (the rank of the trainable correction, e.g. 16).")
+            if self.linear_target != "affine":
+                raise LayerCollapseConfigError(f"affine_rank={self.affine_rank!r} is the rank of the affine target's "
+                                               "trainable correction: it needs linear_target='affine', not "
+                                               f"{self.linear_target!r}.")
         if self.init_alpha is None:
             self.init_alpha = DEFAULT_INIT_ALPHA[self.activation]
         self.init_alpha = _number("init_alpha", self.init_alpha, 0.0, 1.0, "1 means linear")
@@ -114,8 +127,12 @@ class CollapseConfig:
 
     # ------------------------------------------------------------------------------------------ serialisation
     def settings(self) -> dict[str, Any]:
-        """The LayerCollapse settings as a JSON-ready dict: what a checkpoint's record keeps (no PEFT fields)."""
-        return {f.name: getattr(self, f.name) for f in fields(CollapseConfig)}
+        """The LayerCollapse settings as a JSON-ready dict: what a checkpoint's record keeps (no PEFT fields;
+        ``affine_rank`` only when set, so that checkpoints without it stay readable by versions without it)."""
+        settings = {f.name: getattr(self, f.name) for f in fields(CollapseConfig)}
+        if settings["affine_rank"] is None:
+            del settings["affine_rank"]
+        return settings
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-serialisable dict."""

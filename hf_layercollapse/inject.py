@@ -171,7 +171,8 @@ def get_collapse_model(
             "peft.get_peft_model(model, config)) for LoRA + LayerCollapse."
         )
     units, _ = selected_units(model, config, example_inputs)
-    targets = {unit: target_for(unit.layout, config.linear_target, config.activation) for unit in units}
+    targets = {unit: target_for(unit.layout, config.linear_target, config.activation, config.affine_rank)
+               for unit in units}
     injected = [u.name for u in units if isinstance(u.owner(model).get_submodule(u.layout.act), WrappedActivation)]
     if injected:
         raise ValueError(

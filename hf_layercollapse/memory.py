@@ -2,7 +2,8 @@
 
 LayerCollapse adds, per selected unit, one α and its linear target's tensors (nothing for the default targets of a
 plain block, a constant per channel for a gated block, a full ``d_out × d_in`` map for ``linear_target="affine"``:
-Llama-3-8B's 32 blocks take 537M parameters that way), their gradients and optimizer states when they train, and,
+Llama-3-8B's 32 blocks take 537M parameters that way; with ``affine_rank=r`` that map is a fixed buffer and only a
+rank-r correction trains), their gradients and optimizer states when they train, and,
 while targets are fitted, the fp64 calibration statistics of one pass (passes are grouped to stay under a memory
 budget, so the peak is the largest group's). The numbers are exact counts of the tensors the library will allocate;
 activations and the base model's own training memory are not included.
@@ -115,15 +116,17 @@ def estimate_memory(model: nn.Module, config: CollapseConfig | None = None, opti
     estimate = MemoryEstimate(dtype, optimizer_states)
     requests = {}
     for unit in units:
-        target = target_for(unit.layout, config.linear_target, config.activation)
+        target = target_for(unit.layout, config.linear_target, config.activation, config.affine_rank)
         owner = unit.owner(model)
-        added = sum(_numel(shape) for shape in target.shapes(unit.layout, owner).values())
+        shapes = target.shapes(unit.layout, owner)
+        added = sum(_numel(shape) for shape in shapes.values())
+        trainable = sum(_numel(shapes[name]) for name in target.trainable_names)
         wanted = target.requests(unit.layout)
         if wanted:
             requests[unit] = wanted
         dims = unit.layout.dims(owner)
         values = sum(r.values(dims) for r in _merged_requests(wanted)) if wanted else 0
-        estimate.units.append(UnitMemory(unit.name, added + 1, 1 + (added if target.trainable else 0), values))
+        estimate.units.append(UnitMemory(unit.name, added + 1, 1 + trainable, values))
     if requests:
         by_name = {u.name: u for u in estimate.units}
         estimate.statistics_bytes = 8 * max(sum(by_name[u.name].statistics for u in group)

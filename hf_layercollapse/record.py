@@ -4,7 +4,8 @@ The record makes a checkpoint self-describing: ``from_pretrained`` rebuilds the 
 collapsible activations from it (:mod:`hf_layercollapse.checkpoint`). It is typed here (:class:`CollapseRecord`, one
 :class:`UnitRecord` per unit) and stored in ``config.json`` as plain JSON, in the oldest format that holds it:
 format 1 for identity, PReLU and gate-constant targets and for collapsed units, 2 when an injected unit has a fitted
-line (whose buffers an older reader would drop silently), 3 when one has an affine target. Unit names are relative
+line (whose buffers an older reader would drop silently), 3 when one has an affine target, 4 when one has a low-rank
+affine target. Unit names are relative
 to the model's base model (``model.base_model``), so a checkpoint saved from ``BertForSequenceClassification`` also
 loads into ``AutoModel``. (The planner's result, what to merge before anything is merged, is a
 :class:`~hf_layercollapse.CollapsePlan`, not a record.)
@@ -27,7 +28,7 @@ from .version import __version__
 #: The key of the record in ``config.json``.
 RECORD_KEY = "layercollapse"
 #: Newest record format this version reads.
-RECORD_FORMAT = 3
+RECORD_FORMAT = 4
 STATES = ("injected", "collapsed")
 
 

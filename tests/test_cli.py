@@ -323,3 +323,16 @@ def test_inspect_memory_estimates_the_affine_target(tmp_path: Path, capsys: pyte
     assert memory["optimizer_bytes"] == 2 * 4 * expected.trainable_parameters  # AdamW, fp32
     assert main(["inspect", str(tmp_path), "--memory"]) == 0
     assert "Memory added by LayerCollapse (linear_target='default', AdamW)" in capsys.readouterr().out
+
+
+def test_inspect_memory_of_the_low_rank_affine_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tiny_model("vit")
+    model.save_pretrained(tmp_path)
+    expected = hlc.estimate_memory(model, hlc.LayerCollapseConfig(linear_target="affine", affine_rank=4))
+    full = hlc.estimate_memory(model, hlc.LayerCollapseConfig(linear_target="affine"))
+    assert main(["inspect", str(tmp_path), "--json", "--memory", "affine", "--affine_rank", "4"]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    assert memory["affine_rank"] == 4 and memory["trainable_parameters"] == expected.trainable_parameters
+    assert expected.trainable_parameters < full.trainable_parameters
+    code, message = _errors(capsys, ["inspect", str(tmp_path), "--memory", "fitted", "--affine_rank", "4"])
+    assert code == 1 and "affine_rank=4" in message and "linear_target='affine'" in message

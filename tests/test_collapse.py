@@ -360,6 +360,27 @@ def test_an_inexact_merge_is_refused_and_the_model_left_as_it_was():
     assert (model(x).logits - reference).abs().max() > 1e-4
 
 
+def test_the_merge_check_holds_after_bf16_mixed_precision_training():
+    """Trainer's bf16 mixed precision leaves an autocast wrapper on ``model.forward``: the probe's forward runs in
+    bf16, but the check compares the module replayed alone before and after merging (fp32 both), so exact merges
+    pass and an inexact one is still refused."""
+    model = tiny_model("llama")
+    hlc.get_collapse_model(model, hlc.LayerCollapseConfig())
+    for act in hlc.injected_activations(model).values():
+        act.alpha.data.fill_(1.0)
+    inputs = make_inputs(model)
+    expected = outputs(model, inputs)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # what accelerate does
+    report = hlc.collapse_model(model)
+    assert len(report.collapsed) == len(report.blocks) == 2
+    del model.forward
+    assert max_rel_diff(outputs(model, inputs), expected) < 1e-5
+    wrong = _up_first_phi3()
+    wrong.forward = torch.autocast("cpu", dtype=torch.bfloat16)(wrong.forward)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp' \(max \|difference\|.*Nothing was merged"):
+        hlc.collapse_model(wrong)
+
+
 def test_verification_restores_alpha_and_training_mode():
     model = tiny_model("llama")
     hlc.get_collapse_model(model, hlc.LayerCollapseConfig())

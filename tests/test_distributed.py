@@ -46,6 +46,16 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"single": root / "single", "sharded": sharded}
 
 
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp2_distill")
+    script = str(SCRIPTS / "fsdp2_train.py")
+    single = _run([sys.executable, script, "--single", "--distill"], root / "single")
+    sharded = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                    "--distill"], root / "sharded")
+    return {"single": single, "sharded": sharded}
+
+
 def _close(a: float | torch.Tensor, b: float | torch.Tensor) -> float:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
@@ -65,6 +75,22 @@ def test_fsdp2_follows_the_single_process_trajectory(runs):
     assert worst < RTOL, worst
     moved = build().state_dict()
     assert max(_close(weights["single"][k], moved[k]) for k in moved) > 1e-3  # training changed the weights
+
+
+def test_distillation_under_fsdp2_follows_the_single_process_trajectory(distilled):
+    """The KL towards the library's teacher copy (sharded too), divided by the global batch's positions: the same
+    losses, α and weights as one process."""
+    single, sharded = (json.loads((distilled[k] / "trajectory.json").read_text()) for k in ("single", "sharded"))
+    assert len(single) == len(sharded) == 4
+    assert single[0]["loss"] > 0 and single[-1]["loss"] > 1e-3  # the student moves away from its teacher (α = 0)
+    for one, many in zip(single, sharded):
+        assert _close(many["loss"], one["loss"]) < 10 * RTOL  # a KL of close distributions: cancelling fp32 terms
+        assert _close(many["reg"], one["reg"]) < RTOL
+        assert _close(many["alpha"], one["alpha"]) < RTOL
+    weights = {k: load_file(str(distilled[k] / "model.safetensors")) for k in distilled}
+    # AdamW's first steps divide by the gradients' own size: their reduction-order rounding reaches the weights
+    assert max(_close(weights["sharded"][k], weights["single"][k]) for k in weights["single"]) < 3 * RTOL
+    assert not any("teacher" in k for k in weights["sharded"])  # the teacher is never part of the student
 
 
 def _model(weights: dict[str, torch.Tensor]) -> torch.nn.Module:

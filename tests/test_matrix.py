@@ -39,9 +39,10 @@ TARGETS = {
     "mean_gate": ({}, True),
     "fitted_gate": ({"linear_target": "fitted"}, True),
     "affine": ({"linear_target": "affine"}, False),
+    "low_rank_affine": ({"linear_target": "affine", "affine_rank": 3}, True),
 }
-PLAIN_TARGETS = ("identity", "prelu", "line", "affine")
-GATED_TARGETS = ("mean_gate", "fitted_gate", "affine")
+PLAIN_TARGETS = ("identity", "prelu", "line", "affine", "low_rank_affine")
+GATED_TARGETS = ("mean_gate", "fitted_gate", "affine", "low_rank_affine")
 GATED_EXTRA = [name for name in GATED_ARCHS if name not in GATED]  # qwen2, gemma, phi3 (fused gate_up_proj)
 
 #: (architecture, target): every plain architecture with every plain target, every gated one with every gated target
@@ -92,7 +93,7 @@ def expected_saving(original: torch.nn.Module, target: str) -> int:
         first, last = owner.get_submodule(unit.layout.input), owner.get_submodule(unit.layout.output)
         d_in = first.weight.shape[0] if isinstance(first, Conv1D) else first.in_features
         d_out = last.weight.shape[1] if isinstance(last, Conv1D) else last.out_features
-        bias = target in ("line", "affine") or isinstance(last, Conv1D) or any(
+        bias = target in ("line", "affine", "low_rank_affine") or isinstance(last, Conv1D) or any(
             m.bias is not None for m in (first, last))
         saved += before - (d_in * d_out + (d_out if bias else 0))
     return saved
@@ -109,8 +110,10 @@ def test_injection_is_exact_and_adds_alpha_and_the_targets_tensors(name, target)
     units = hlc.find_mlp_blocks(original)
     assert list(acts) == [u.name for u in units] and {a.target.name for a in acts.values()} == {
         {"mean_gate": "gate_constant", "fitted_gate": "gate_constant"}.get(target, target)}
-    added = sum(1 + sum(t.numel() for t in a.target_tensors().values() if a.target.trainable) for a in acts.values())
-    buffers = sum(t.numel() for a in acts.values() for t in a.target_tensors().values() if not a.target.trainable)
+    added = sum(1 + sum(t.numel() for k, t in a.target_tensors().items() if a.target.trainable_tensor(k))
+                for a in acts.values())
+    buffers = sum(t.numel() for a in acts.values() for k, t in a.target_tensors().items()
+                  if not a.target.trainable_tensor(k))
     assert num_params(model) == num_params(original) + added
     assert sum(b.numel() for b in model.buffers()) == sum(b.numel() for b in original.buffers()) + buffers
     difference = max_abs_diff(outputs(model, inputs), outputs(original, inputs))
@@ -141,10 +144,15 @@ def test_checkpoints_mid_training_and_collapsed_reload_exactly(name, target, tmp
     inputs = make_inputs(model)
     values = [0.15 + 0.2 * i for i in range(len(hlc.injected_activations(model)))]
     set_alphas(model, *values)
+    with torch.no_grad():  # trained targets: moved from their start (a low-rank correction starts at zero)
+        for act in hlc.injected_activations(model).values():
+            for key in act.target.trainable_names:
+                act.target_tensors()[key].add_(0.01)
     blended = outputs(model, inputs)
     model.save_pretrained(tmp_path / "injected")
     record = json.loads((tmp_path / "injected" / "config.json").read_text())["layercollapse"]
-    assert record["format"] == {"line": 2, "affine": 3}.get(target, 1)  # the oldest format that holds it
+    # the oldest format that holds it
+    assert record["format"] == {"line": 2, "affine": 3, "low_rank_affine": 4}.get(target, 1)
     loaded = AutoModel.from_pretrained(tmp_path / "injected").eval()
     acts, twins = hlc.injected_activations(model), hlc.injected_activations(loaded)
     assert list(twins) == list(acts)
@@ -187,10 +195,9 @@ def test_peft_merge_and_unload_equals_collapse_model(name, target, tmp_path):
     set_alphas(reference, *alphas)
     with torch.no_grad():
         for layer, act in zip(ours.values(), theirs.values()):  # trained targets: moved the same way
-            for key, tensor in act.target_tensors().items():
-                if act.target.trainable:
-                    tensor.mul_(1.1)
-                    layer.target_tensors()[key].mul_(1.1)
+            for key in act.target.trainable_names:
+                act.target_tensors()[key].mul_(1.1).add_(0.01)
+                layer.target_tensors()[key].mul_(1.1).add_(0.01)
     wrapped = outputs(peft_model, inputs)
     with peft_model.disable_adapter():
         assert max_abs_diff(outputs(peft_model, inputs), outputs(original, inputs)) == 0.0

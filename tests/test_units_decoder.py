@@ -132,3 +132,13 @@ def test_layouts_spans_cannot_handle_are_refused_clearly():
         cut_layers(gemma2, stack, [Cut(SpanLayout(1, 1), torch.eye(32))])
     cut_layers(gemma2, stack, [Cut(SpanLayout(1, 1))])  # a plain cut is fine
     assert gemma2.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fusability_is_read_in_half_precision_too(dtype):
+    """A Llama in bf16/fp16 adds its MLP output to the residual as it is (fusable); Gemma-2, which normalises it, is
+    not — the check's tolerance follows the dtype's rounding."""
+    assert stack_of(decoder("llama").to(dtype)).fusable
+    gemma2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", **TEXT, num_key_value_heads=HEADS,
+                                                                   head_dim=8)).eval().to(dtype)
+    assert not stack_of(gemma2).fusable

@@ -61,10 +61,15 @@ class LayerCollapseConfig(CollapseConfig, PeftConfig):
             calibration data (on a dummy batch without). ``"fitted"`` (needs calibration data): on plain blocks the
             per-channel least-squares line ``a·z + b`` of the activation (fixed buffers; at α = 1 the block is
             ``W2·diag(a)·W1``), on gated blocks ``c`` starts at the value whose collapsed block is closest to the
-            original block's output. ``"affine"`` (needs calibration data, not through PEFT): the whole block blends
-            towards the affine map of its input closest to its output on the calibration data, ``(1−α)·block(x) +
-            α·(W·x + b)`` with ``W`` and ``b`` learnable; the richest target, at ``d_out·d_in`` more parameters per
-            block while training.
+            original block's output. ``"affine"`` (needs calibration data): the whole block blends towards the
+            affine map of its input closest to its output on the calibration data, ``(1−α)·block(x) + α·(W·x + b)``
+            with ``W`` and ``b`` learnable; the richest target, at ``d_out·d_in`` more parameters per block while
+            training (through PEFT only with ``affine_rank``).
+        affine_rank: With ``linear_target="affine"``: ``None`` trains the full map ``W``; an int ``r`` keeps the
+            fitted map frozen and trains a rank-``r`` correction, ``(W₀ + B·A)·x + b``
+            (:class:`~hf_layercollapse.targets.LowRankAffine`; ``r·(d_in + d_out) + d_out`` trainable values per
+            block), also through PEFT / LoRA (then the fitted map is a buffer of the adapter: fit it with
+            :func:`~hf_layercollapse.calibrate_linear_targets`).
         modules_to_save: With PEFT only: modules besides α (and LoRA) to train and save in full, e.g. a new
             classification head (PEFT adds ``classifier``/``score`` itself for ``task_type="SEQ_CLS"``).
         lora_config: With PEFT only: a ``peft.LoraConfig`` (or the dict of its fields) whose LoRA layers are part of
@@ -106,11 +111,11 @@ class LayerCollapseConfig(CollapseConfig, PeftConfig):
             raise LayerCollapseConfigError(f"modules_to_save={self.modules_to_save!r} must be None or a list of "
                                            "module names.")
         if self.lora_config is not None:
-            if self.linear_target == "affine":
+            if self.linear_target == "affine" and self.affine_rank is None:
                 raise LayerCollapseConfigError(
-                    "linear_target='affine' cannot be combined with lora_config: the affine targets are offered with "
-                    "get_collapse_model only (not through PEFT). Use linear_target='fitted' for LoRA + "
-                    "LayerCollapse, or get_collapse_model without LoRA.")
+                    "linear_target='affine' with the full d×d map per block cannot be combined with lora_config: "
+                    "set affine_rank= (e.g. 16: the fitted map stays frozen and a rank-16 correction trains with "
+                    "LoRA), or use get_collapse_model without LoRA for the full map.")
             self._normalise_lora_config()
 
     def _normalise_lora_config(self) -> None:

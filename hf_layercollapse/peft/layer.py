@@ -13,22 +13,24 @@ from ..activation import CollapsibleModule
 from ..config import CollapseConfig
 from ..errors import LayerCollapseConfigError
 from ..modules import out_of_place
-from ..targets import GateConstant, Identity, Line, LinearTarget, PReLU, target_for
+from ..targets import GateConstant, Identity, Line, LinearTarget, LowRankAffine, PReLU, target_for
 from ..units import Layout
 
 #: Prefix of the LayerCollapse entries in PEFT state dicts (``...act.layercollapse_alpha.<adapter>``,
 #: ``...act.layercollapse_gate_constant.<adapter>``, ``...act.layercollapse_slope.<adapter>`` / ``_offset``).
 PEFT_PREFIX = "layercollapse_"
-#: The targets an adapter can hold (an affine target's d×d map per block is not offered through PEFT).
-ADAPTER_TARGETS: tuple[type[LinearTarget], ...] = (Identity, PReLU, Line, GateConstant)
-_TRAINABLE = tuple(dict.fromkeys(n for t in ADAPTER_TARGETS if t.trainable for n in t.tensor_names))
-_FIXED = tuple(dict.fromkeys(n for t in ADAPTER_TARGETS if not t.trainable for n in t.tensor_names))
+#: The targets an adapter can hold (an affine target's trainable d×d map per block is not offered through PEFT: its
+#: low-rank form is).
+ADAPTER_TARGETS: tuple[type[LinearTarget], ...] = (Identity, PReLU, Line, GateConstant, LowRankAffine)
+_TRAINABLE = tuple(dict.fromkeys(n for t in ADAPTER_TARGETS for n in t.tensor_names if t.trainable_tensor(n)))
+_FIXED = tuple(dict.fromkeys(n for t in ADAPTER_TARGETS for n in t.tensor_names if not t.trainable_tensor(n)))
 
 
 class LayerCollapseLayer(CollapsibleModule, BaseTunerLayer):
     """PEFT tuner layer around an MLP block's activation: α lives in a ``ParameterDict`` keyed by adapter name
     (``layercollapse_alpha``), as PEFT expects, and so do the target's tensors (``layercollapse_<name>``: a gated
-    block's trainable ``c``, a plain block's fitted line as fixed buffers, saved with the adapter). Each adapter has
+    block's trainable ``c``, a plain block's fitted line as fixed buffers, a low-rank affine target's fitted map as a
+    fixed buffer and its correction trainable, saved with the adapter). Each adapter has
     its own target (``layercollapse_target``); ``alpha``, ``target`` and :meth:`target_tensors` are those of the
     active adapter, so :func:`~hf_layercollapse.injected_activations`, :func:`~hf_layercollapse.regularization_loss`
     and :class:`~hf_layercollapse.LayerCollapseTrainer` work on PEFT models unchanged. With adapters disabled (or no
@@ -75,6 +77,7 @@ class LayerCollapseLayer(CollapsibleModule, BaseTunerLayer):
         # only on the dummy batch of get_peft_model
         self.layercollapse_calibrated: set[str] = set()
         self._disable_adapters = False
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []  # of unit-replacing targets, on the projections
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self._init_state()
@@ -84,7 +87,7 @@ class LayerCollapseLayer(CollapsibleModule, BaseTunerLayer):
                      tensors: Mapping[str, torch.Tensor] | None = None, device: torch.device | None = None,
                      dtype: torch.dtype | None = None) -> None:
         """Add adapter ``adapter_name`` with its own α and target (chosen by ``config`` for this block)."""
-        target = target_for(self.layout, config.linear_target, config.activation)
+        target = target_for(self.layout, config.linear_target, config.activation, config.affine_rank)
         if not isinstance(target, ADAPTER_TARGETS):
             raise ValueError(f"The {target.name} target is not offered through PEFT: use get_collapse_model.")
         factory = {"device": device, "dtype": dtype}
@@ -94,8 +97,9 @@ class LayerCollapseLayer(CollapsibleModule, BaseTunerLayer):
             raise ValueError(f"The {target.name} target needs the tensors {list(target.tensor_names)}, got "
                              f"{sorted(values)}.")
         for name, value in values.items():
-            value = value.detach().reshape(-1).to(copy=True, **factory)
-            getattr(self, PEFT_PREFIX + name)[adapter_name] = nn.Parameter(value) if target.trainable else value
+            value = value.detach().to(copy=True, **factory)
+            getattr(self, PEFT_PREFIX + name)[adapter_name] = (nn.Parameter(value) if target.trainable_tensor(name)
+                                                               else value)
         self.layercollapse_target[adapter_name] = target
         self.set_adapter(self.active_adapters)
 
@@ -129,10 +133,34 @@ class LayerCollapseLayer(CollapsibleModule, BaseTunerLayer):
     def activation(self) -> nn.Module:  # type: ignore[override]
         return self.base_layer
 
+    def _bypassed(self) -> bool:
+        return self.disable_adapters or not any(a in self.layercollapse_alpha for a in self.active_adapters)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters or not any(a in self.layercollapse_alpha for a in self.active_adapters):
+        if self._bypassed():
             return self.base_layer(hidden_states)
         return super().forward(hidden_states)
+
+    def attach_hooks(self, owner: nn.Module) -> None:
+        """Register the hooks of the adapters' unit-replacing targets (the low-rank affine target) on the unit's
+        projections in ``owner`` (the MLP block), once (:meth:`detach_hooks` removes them); the tuner calls it after
+        LoRA wrapped the projections, so that the blend sees the LoRA-adapted ones."""
+        replacing = [t for t in self.layercollapse_target.values() if t.replaces_unit]
+        if replacing and not self._hooks:
+            self._hooks = replacing[0].attach(self, owner, self.layout)
+
+    def detach_hooks(self) -> None:
+        """Remove the hooks of :meth:`attach_hooks`."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _see_input(self, module: nn.Module, args: tuple) -> None:
+        if not self._bypassed():
+            super()._see_input(module, args)
+
+    def _blend_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output if self._bypassed() else super()._blend_output(module, args, output)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -10,6 +12,7 @@ from peft import PeftModel, inject_adapter_in_model
 from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from peft.tuners.tuners_utils import set_adapter as _set_layers_adapter
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..activation import CollapsibleActivation, injected_activations
@@ -40,7 +43,7 @@ def _select_targets(model: nn.Module, config: LayerCollapseConfig) -> tuple[dict
                          "from the block finder).") from None
     activation = lambda u: join(u.name, u.layout.act)  # noqa: E731
     for unit in units:
-        target_for(unit.layout, config.linear_target, config.activation)  # refuses what this unit cannot have
+        target_for(unit.layout, config.linear_target, config.activation, config.affine_rank)  # refuses what it cannot
     fresh = [u for u in units if not isinstance(model.get_submodule(activation(u)), LayerCollapseLayer)]
     plain = [u.name for u in fresh if isinstance(model.get_submodule(activation(u)), CollapsibleActivation)]
     if plain:
@@ -53,20 +56,45 @@ def _select_targets(model: nn.Module, config: LayerCollapseConfig) -> tuple[dict
     return {activation(u): u for u in units}, {activation(u) for u in excluded}
 
 
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """Every PEFT adapter layer of ``model``: LayerCollapse, LoRA and the ``modules_to_save`` wrappers."""
+    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+
+
+def switch_adapters_off(model: nn.Module) -> Callable[[], None]:
+    """Switch every PEFT adapter layer of ``model`` off and return the function that restores each layer's state.
+
+    Only the layers' flag is set: PEFT's ``disable_adapter()`` / ``enable_adapters()`` would also change which
+    parameters are trainable."""
+    layers = adapter_layers(model)
+    flags = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+
+    def restore() -> None:
+        for layer, flag in zip(layers, flags):
+            layer._disable_adapters = flag
+
+    return restore
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with every PEFT adapter layer off within the block (:func:`switch_adapters_off`)."""
+    restore = switch_adapters_off(model)
+    try:
+        yield model
+    finally:
+        restore()
+
+
 def base_model_targets(model: nn.Module, targets: dict[Unit, LinearTarget],
                        calibration_data=None) -> dict[str, dict[str, torch.Tensor]]:
     """The targets' tensors fitted on the base model (every adapter layer, LayerCollapse and LoRA, switched off) over
     ``calibration_data`` (default: a dummy batch), keyed by unit name, as
     :func:`~hf_layercollapse.get_collapse_model` fits them."""
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    disabled = [m._disable_adapters for m in layers]
-    try:
-        for layer in layers:  # the flag only: enable_adapters() would also change which parameters are trainable
-            layer._disable_adapters = True
+    with adapters_off(model):
         return fit_targets(model, targets, calibration_data)
-    finally:
-        for layer, flag in zip(layers, disabled):
-            layer._disable_adapters = flag
 
 
 class LayerCollapseModel(BaseTuner):
@@ -108,15 +136,16 @@ class LayerCollapseModel(BaseTuner):
         return peft_config  # blocks are found by structure, no per-model_type table of names is needed
 
     def _prepare_model(self, peft_config: LayerCollapseConfig, model: nn.Module) -> None:
-        if peft_config.linear_target == "affine":
-            raise ValueError("linear_target='affine' is not supported through PEFT (an adapter holds α, c and lines, "
-                             "not a d×d map per block): use hf_layercollapse.get_collapse_model(model, config, "
-                             "calibration_data=...), or linear_target='fitted' with PEFT.")
+        if peft_config.linear_target == "affine" and peft_config.affine_rank is None:
+            raise ValueError("linear_target='affine' with the full d×d map per block is not offered through PEFT: set "
+                             "affine_rank= (e.g. 16: the fitted map stays frozen in the adapter and a rank-16 "
+                             "correction trains), or use hf_layercollapse.get_collapse_model(model, config, "
+                             "calibration_data=...) for the full map.")
         self._targets, self._excluded = _select_targets(model, peft_config)
         # the targets start as get_collapse_model's do on a dummy batch (the mean gate; fitted lines);
         # calibrate_linear_targets fits them on calibration data, PeftModel.from_pretrained reads them
-        targets = {u: target_for(u.layout, peft_config.linear_target, peft_config.activation)
-                   for u in self._targets.values()}
+        targets = {u: target_for(u.layout, peft_config.linear_target, peft_config.activation,
+                                 peft_config.affine_rank) for u in self._targets.values()}
         self._initial_targets = base_model_targets(model, targets)
 
     def _check_target_module_exists(self, peft_config: LayerCollapseConfig, key: str) -> bool | _ExcludedModule:
@@ -170,6 +199,10 @@ class LayerCollapseModel(BaseTuner):
         lora = config.get_lora_config()
         if lora is not None:
             self._inject_lora(model, adapter_name, lora, low_cpu_mem_usage)
+        for owner, layer in injected_activations(model).items():  # after LoRA: the blend sees LoRA's projections
+            if isinstance(layer, LayerCollapseLayer):  # (again for a new adapter: its LoRA may wrap them now)
+                layer.detach_hooks()
+                layer.attach_hooks(model.get_submodule(owner))
 
     def _inject_lora(self, model: nn.Module, adapter_name: str, lora: LoraConfig, low_cpu_mem_usage: bool) -> None:
         """Add the LoRA layers of the adapter (after the activations are wrapped: the block finder needs the plain
@@ -201,6 +234,8 @@ class LayerCollapseModel(BaseTuner):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if not merge:  # unload: original activations, LoRA removed
+            for layer in [m for m in self.model.modules() if isinstance(m, LayerCollapseLayer)]:
+                layer.detach_hooks()
             return super()._unload_and_optionally_merge(False, progressbar, safe_merge, adapter_names)
         model, self.collapse_report = self.merge_and_collapse(
             adapter_names=adapter_names, progressbar=progressbar, safe_merge=safe_merge
@@ -223,6 +258,7 @@ class LayerCollapseModel(BaseTuner):
         config = self.peft_config[adapter]
         injected = []
         for name, layer in [(n, m) for n, m in self.model.named_modules() if isinstance(m, LayerCollapseLayer)]:
+            layer.detach_hooks()
             if adapter not in layer.layercollapse_alpha:
                 set_module(self.model, name, layer.base_layer)
                 continue
@@ -235,11 +271,12 @@ class LayerCollapseModel(BaseTuner):
             with torch.no_grad():
                 host.alpha.copy_(alpha.detach())
             set_module(self.model, name, host)
-            injected.append((owner, layer.layout, target))
+            injected.append((owner, host))
         lora_adapters = adapter_names if adapter_names is not None else [adapter]
         model = super()._unload_and_optionally_merge(True, progressbar, safe_merge, lora_adapters)
-        for owner, layout, target in injected:
-            record_unit(model, owner, UnitRecord("injected", layout, target=target), config)
+        for owner, host in injected:  # the projections are plain again: hook them for the target
+            host.target.attach(host, model.get_submodule(owner), host.layout)
+            record_unit(model, owner, UnitRecord("injected", host.layout, target=host.target), config)
         report = collapse_model(model, blocks=blocks, threshold=config.threshold if threshold is None else threshold,
                                 force=force)
         logger.info("LayerCollapse merge_and_unload:\n%s", report)
@@ -282,10 +319,10 @@ def peft_trainer_settings(model: nn.Module) -> CollapseConfig | None:
             "collapse_config) on the original model, so that LoRA and α train and save together."
         )
     dummy = [name for name, layer in injected_activations(model).items() if isinstance(layer, LayerCollapseLayer)
-             and layer.target.tensor_names and layer._adapter() not in layer.layercollapse_calibrated
-             and not layer.target.trainable]
+             and layer._adapter() not in layer.layercollapse_calibrated
+             and len(layer.target.trainable_names) < len(layer.target.tensor_names)]
     if dummy:
-        logger.warning("The fitted lines of %s were fitted on get_peft_model's dummy batch only: call "
+        logger.warning("The fitted lines (or affine maps) of %s were fitted on get_peft_model's dummy batch only: call "
                        "hf_layercollapse.calibrate_linear_targets(peft_model, calibration_data) before training (or "
                        "pass calibration_data to get_lora_collapse_model).", dummy)
     return config

@@ -197,7 +197,8 @@ class OnePassSearch:
             owner, layout = unit.owner(model), unit.layout
             simple_method, merged = _simple_merge(model, unit, stats.gate_means.get(index))
             weight, bias = as_linear(merged)
-            prior = torch.cat([weight.T, (bias if bias is not None else torch.zeros(weight.shape[0]))[None]]).double()
+            bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+            prior = torch.cat([weight.T, bias[None]]).double()
             fit, held = stats.mlp[index]
             solution, error, simple = self._best(fit, held, 0, prior.to(fit.gram.device), fit.merge(held))
             costs = {simple_method: simple, "relative_least_squares": error}

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import LayerCollapseConfigError
 from ..units import BlockKind, Layout
-from .affine import Affine
+from .affine import Affine, LowRankAffine
 from .base import LinearTarget
 from .gate import GateConstant
 from .identity import Identity, PReLU
@@ -22,6 +22,7 @@ __all__ = [
     "Identity",
     "Line",
     "LinearTarget",
+    "LowRankAffine",
     "PReLU",
     "planner_candidates",
     "target_for",
@@ -42,16 +43,20 @@ _CHOICES: dict[tuple[str, BlockKind], LinearTarget] = {
     ("affine", BlockKind.GATED): Affine(),
 }
 #: Targets in the order a record is matched against them (the first whose ``from_record`` answers wins).
-_RECORD_ORDER: tuple[type[LinearTarget], ...] = (Affine, Line, PReLU, GateConstant, Identity)
+_RECORD_ORDER: tuple[type[LinearTarget], ...] = (LowRankAffine, Affine, Line, PReLU, GateConstant, Identity)
 
 
-def target_for(layout: Layout, linear_target: str = "default", activation: str = "blend") -> LinearTarget:
-    """The target of a unit with ``layout`` under a config's ``linear_target`` and ``activation``.
+def target_for(layout: Layout, linear_target: str = "default", activation: str = "blend",
+               affine_rank: int | None = None) -> LinearTarget:
+    """The target of a unit with ``layout`` under a config's ``linear_target``, ``activation`` and ``affine_rank``
+    (``linear_target="affine"`` only: the rank of a :class:`LowRankAffine`'s trainable correction).
 
     Example:
         >>> from hf_layercollapse.units import GatedLayout, PlainLayout
         >>> target_for(PlainLayout("fc1", "act", "fc2"), "fitted"), target_for(GatedLayout("g", "u", "a", "d"))
         (Line(), GateConstant(fit='mean', ridge=0.0001))
+        >>> target_for(PlainLayout("fc1", "act", "fc2"), "affine", affine_rank=4)
+        LowRankAffine(relative=True, ridge=0.0001, rank=4)
     """
     if activation == "prelu":
         if layout.kind is not BlockKind.PLAIN:
@@ -61,6 +66,11 @@ def target_for(layout: Layout, linear_target: str = "default", activation: str =
         return PReLU()
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not supported: use one of {ACTIVATIONS}.")
+    if affine_rank is not None:
+        if linear_target != "affine":
+            raise ValueError(f"affine_rank={affine_rank!r} is the rank of the affine target's trainable correction: "
+                             f"it needs linear_target='affine', not {linear_target!r}.")
+        return LowRankAffine(rank=affine_rank)
     try:
         return _CHOICES[linear_target, layout.kind]
     except KeyError:
@@ -74,9 +84,13 @@ def target_from_record(entry: Mapping[str, Any], layout: Layout, where: str = "t
     mode = entry.get("mode", "blend")
     if mode not in ACTIVATIONS:
         raise LayerCollapseConfigError(f"{where} has mode {mode!r}; known modes are {ACTIVATIONS}.")
-    target = next((t for cls in _RECORD_ORDER if (t := cls.from_record(entry, layout)) is not None), None)
+    flags = {k: v for k, v in entry.items() if k in ("mode", "line", "affine", "affine_rank", "fitted_gate")}
+    try:
+        target = next((t for cls in _RECORD_ORDER if (t := cls.from_record(entry, layout)) is not None), None)
+    except ValueError as err:
+        raise LayerCollapseConfigError(f"{where} is recorded with {flags}: {err} The record is corrupt or was "
+                                       "edited.") from None
     if target is None or not target.supports(layout) or (mode == "prelu" and not isinstance(target, PReLU)):
-        flags = {k: v for k, v in entry.items() if k in ("mode", "line", "affine", "fitted_gate")}
         raise LayerCollapseConfigError(f"{where} is a {layout.kind.value} block recorded with {flags}: no linear "
                                        "target of that kind exists for it. The record is corrupt or was edited.")
     return target

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..statistics import Request, Statistics
 from ..units import Layout
@@ -49,6 +50,8 @@ class LinearTarget(ABC):
     tensor_names: ClassVar[tuple[str, ...]] = ()
     #: Whether those tensors train (``nn.Parameter``, no weight decay) or stay fixed (buffers).
     trainable: ClassVar[bool] = False
+    #: Tensors that stay fixed buffers although the target trains (a low-rank target's fitted map).
+    fixed_names: ClassVar[tuple[str, ...]] = ()
     #: The oldest checkpoint-record format that holds this target.
     record_format: ClassVar[int] = 1
     #: Whether the target replaces the whole unit's output (hooks on the unit's projections) rather than the
@@ -56,6 +59,16 @@ class LinearTarget(ABC):
     replaces_unit: ClassVar[bool] = False
     #: The name the calibration planner gives a merge towards this target (``None``: the planner does not use it).
     method: ClassVar[str | None] = None
+
+    @classmethod
+    def trainable_tensor(cls, name: str) -> bool:
+        """Whether the target's tensor ``name`` trains (an ``nn.Parameter``) rather than stays a fixed buffer."""
+        return cls.trainable and name not in cls.fixed_names
+
+    @property
+    def trainable_names(self) -> tuple[str, ...]:
+        """The tensors of :attr:`tensor_names` that train."""
+        return tuple(n for n in self.tensor_names if self.trainable_tensor(n))
 
     # ------------------------------------------------------------------------------------------ applicability
     @abstractmethod
@@ -86,8 +99,10 @@ class LinearTarget(ABC):
     def blend(self, host: Host, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """The activation's output at ``alpha`` (already in ``z``'s dtype) for activation input ``z``."""
 
-    def attach(self, host: Host, owner: nn.Module, layout: Layout) -> None:  # noqa: B027 (a no-op by default)
-        """Register the hooks a unit-replacing target needs on the unit's projections (nothing for the others)."""
+    def attach(self, host: Host, owner: nn.Module, layout: Layout) -> list[RemovableHandle]:
+        """Register the hooks a unit-replacing target needs on the unit's projections (nothing for the others);
+        return their handles."""
+        return []
 
     def on_input(self, host: Host, x: torch.Tensor) -> None:  # noqa: B027 (a no-op by default)
         """A unit-replacing target sees the unit's input (pre-hook of its input projections)."""

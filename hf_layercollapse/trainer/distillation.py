@@ -25,23 +25,18 @@ from dataclasses import dataclass, field
 from functools import reduce
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..activation import injected_activations
+from ..peft.model import adapter_layers, switch_adapters_off
 
 
 # ------------------------------------------------------------------------------------------- the original model
-def _adapter_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
-
-
 def _adapter_parameters(model: nn.Module) -> set[int]:
     """Ids of the parameters that switching the adapters off takes out of the forward pass (LoRA, LayerCollapse α and
     targets, ``modules_to_save`` copies...): those under each PEFT layer's ``adapter_layer_names``."""
     found = set()
-    for layer in _adapter_layers(model):
+    for layer in adapter_layers(model):
         for name in layer.adapter_layer_names:
             holder = reduce(getattr, name.split("."), layer)
             params = holder.parameters() if isinstance(holder, nn.Module) else [holder]
@@ -52,24 +47,20 @@ def _adapter_parameters(model: nn.Module) -> set[int]:
 def _switch_to_original(model: nn.Module) -> Callable[[], None]:
     """Set every α of ``model`` to 0 and switch every PEFT adapter layer off; return the function that undoes it.
 
-    Only the adapters' flag is set, as ``hf_layercollapse.peft``'s target fitting does: PEFT's ``enable_adapters``
-    would also change which parameters train."""
+    The adapters are switched off as ``hf_layercollapse.peft``'s target fitting does (:func:`~hf_layercollapse.peft.
+    model.switch_adapters_off`: the flag only, trainable parameters unchanged)."""
     acts = list(injected_activations(model).values())
-    layers = _adapter_layers(model)
     alphas = [act.alpha.detach().clone() for act in acts]
-    flags = [layer._disable_adapters for layer in layers]
     with torch.no_grad():
         for act in acts:
             act.alpha.zero_()
-    for layer in layers:
-        layer._disable_adapters = True
+    restore_adapters = switch_adapters_off(model)
 
     def undo() -> None:
         with torch.no_grad():
             for act, alpha in zip(acts, alphas):
                 act.alpha.copy_(alpha)
-        for layer, flag in zip(layers, flags):
-            layer._disable_adapters = flag
+        restore_adapters()
 
     return undo
 

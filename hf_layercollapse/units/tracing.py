@@ -152,10 +152,22 @@ def _is_activation(node: _Node) -> bool:
     )
 
 
+def _output_ids(obj) -> set[int]:
+    """The tensors that a model's forward returns (nested in ModelOutputs, dicts, lists and tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return {id(obj)}
+    if isinstance(obj, dict):  # ModelOutput is an OrderedDict
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(_output_ids(v) for v in obj))
+    return {id(t) for t in _tensors(obj)}
+
+
 class _Graph:
-    def __init__(self, nodes: list[_Node], sizes: dict[int, int]) -> None:
+    def __init__(self, nodes: list[_Node], sizes: dict[int, int], returned: set[int] | None = None) -> None:
         self.nodes = nodes
         self.sizes = sizes
+        self.returned = returned or set()  # tensors the model returns: they leave any block they are made in
         self.producer: dict[int, _Node] = {}
         self.consumers: dict[int, list[_Node]] = {}
         for node in nodes:
@@ -171,8 +183,19 @@ class _Graph:
         return (node.name in _PASS_THROUGH_OPS and len(node.outputs) == 1
                 and self.sizes.get(node.inputs[0]) == self.sizes.get(node.outputs[0]))
 
+    def _private(self, tensor: int) -> bool:
+        """Whether ``tensor`` goes nowhere but to its one next step inside a block (or to the split ops that cut a
+        fused projection's output in parts): not returned by the model, not also read by another module or op."""
+        if tensor in self.returned:
+            return False
+        consumers = [n for n in self.consumers.get(tensor, []) if tensor not in n.outputs]
+        return len(consumers) == 1 or (bool(consumers) and all(n.name in _SPLIT_OPS for n in consumers))
+
     def source(self, tensor: int) -> tuple[_Node | None, int | None]:
-        """The projection that produced ``tensor`` (through pass-through steps), and which split part it is."""
+        """The projection that produced ``tensor`` (through pass-through steps), and which split part it is; none
+        when a tensor on the way also leaves the block (another consumer, or a model output)."""
+        if not self._private(tensor):
+            return None, None
         node = self.producer.get(tensor)
         part = None
         while node is not None and node.module is None:
@@ -181,6 +204,8 @@ class _Graph:
             elif not self._pass_through(node):
                 return None, None
             tensor = node.inputs[0]
+            if not self._private(tensor):
+                return None, None
             node = self.producer.get(tensor)
         if node is not None and isinstance(node.module, _PASS_THROUGH_MODULES):
             return self.source(node.inputs[0])
@@ -191,6 +216,8 @@ class _Graph:
         the tensor that reaches it."""
         dropouts: list[str] = []
         while True:
+            if tensor in self.returned:  # the model returns it: it leaves the block (BLIP's pooler output)
+                return None, dropouts, tensor
             consumers = self.consumers.get(tensor, [])
             aliases = [n for n in consumers if tensor in n.outputs]  # steps that return their input
             dropouts += [n.name for n in aliases if isinstance(n.module, nn.Dropout)]
@@ -266,12 +293,12 @@ def trace_units(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None
     try:
         model.eval()
         with torch.no_grad(), recorder:
-            model(**inputs)
+            output = model(**inputs)
     finally:
         recorder.remove()
         model.train(was_training)
     sizes = {id(t): t.numel() for t in recorder.keep}
-    graph = _Graph(recorder.nodes, sizes)
+    graph = _Graph(recorder.nodes, sizes, _output_ids(output))
     found: dict[str, Layout] = {}
     act_owner: dict[str, str] = {}  # activation -> "fc1 -> fc2" of the block it was first seen in
     # a task head on top of a transformers base model can look like a block (ALBERT's pooler → tanh → classifier):
@@ -286,6 +313,8 @@ def trace_units(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None
         prefix, layout = block
         if base and not all(join(prefix, part).startswith(base + ".") for part in layout.parts):
             continue
+        if not prefix and isinstance(model, PreTrainedModel):
+            continue  # projections that meet only at a transformers model's root: a pooler and a head, no MLP block
         act_name = f"{prefix}.{layout.act}" if prefix else layout.act
         # the same activation between other projections (a shared block such as ALBERT's reuses all three)
         owner = " -> ".join(join(prefix, part) for part in (layout.inputs[0], layout.output))

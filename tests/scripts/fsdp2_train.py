@@ -6,6 +6,10 @@ trajectory can be compared with a single-process run of the same global batch::
     torchrun --nproc_per_node 2 tests/scripts/fsdp2_train.py OUT      # sharded: each rank takes half of each batch
     python tests/scripts/fsdp2_train.py OUT --single                  # one process, the whole batch
 
+``--distill``: the loss is self-distillation instead of the LM loss — the KL of ``hf_layercollapse.Distillation``
+towards the library's frozen teacher copy (α = 0, built before sharding and sharded too), summed over each rank's
+positions and divided by the positions of the global batch, as ``LayerCollapseTrainer`` does.
+
 OUT receives ``trajectory.json`` (loss, regulariser and α per step) and, from rank 0, ``model.safetensors`` (the
 full weights, gathered from the shards after training) and ``saved/`` (``save_pretrained`` of the gathered model).
 """
@@ -48,12 +52,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--single", action="store_true")
+    parser.add_argument("--distill", action="store_true")
     args = parser.parse_args()
     logging.disable_progress_bar()
     logging.set_verbosity_error()
     torch.set_num_threads(1)
     out = Path(args.out)
     model = build().train()
+    objective = hlc.Distillation(teacher="copy", temperature=2.0)
+    teacher = objective.teacher.build(model) if args.distill else None
+    if teacher is not None:  # a student well away from its teacher: gradients far above fp32 rounding
+        with torch.no_grad():
+            model.lm_head.weight.mul_(3.0)
     rank, world = 0, 1
     if not args.single:
         import torch.distributed as dist
@@ -63,15 +73,22 @@ def main() -> None:
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        for module in [model] + ([teacher] if teacher is not None else []):
+            for layer in module.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(module, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     trajectory = []
     share = GLOBAL_BATCH // world
     for ids in batches():
         local = ids[rank * share:(rank + 1) * share]
-        loss = model(input_ids=local, labels=local).loss  # equal token counts per rank: the mean of means is exact
+        if teacher is None:
+            loss = model(input_ids=local, labels=local).loss  # equal token counts per rank: mean of means is exact
+        else:
+            with torch.no_grad():
+                target = teacher(input_ids=local).logits[:, :-1]
+            kl = objective.kl(model(input_ids=local).logits[:, :-1], target)  # the positions the LM loss counts
+            loss = kl.sum() / (GLOBAL_BATCH * (SEQ - 1)) * world  # FSDP2 averages over ranks: × world sums them
         reg = 0.5 * hlc.regularization_loss(model)  # the terms each activation stored inside its forward
         (loss + reg).backward()  # FSDP2 averages the gradients over the ranks
         optimizer.step()
